@@ -1,0 +1,466 @@
+"""The gate: distil or train supervised? Decided from the distillation scaling laws.
+
+Given a student size, a token or compute budget, a teacher and a scenario (which of
+the teacher's costs count), predict the student's loss both ways with a
+``CoefficientSet`` and pick the lower. Every decision says which coefficients it used
+and whether the query lies inside the data they were fitted on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.optimize import brentq, minimize
+
+from distill.law import (
+    SCENARIOS,
+    CoefficientSet,
+    distillation_compute,
+    distillation_loss,
+    flops_per_token,
+    scenario_deltas,
+    supervised_compute,
+    supervised_loss,
+)
+
+__all__ = [
+    "SCENARIOS", "TOKEN_RANGE", "OutOfSupportWarning", "GateQuery", "SupervisedBranch", "DistillBranch",
+    "Decision", "decide", "teacher_loss_for", "crossover_tokens", "format_table", "plot_decision_map",
+]
+
+TOKEN_RANGE = (1e6, 1e17)  # bounds the paper put on every variable of compute-optimal distillation
+
+
+class OutOfSupportWarning(UserWarning):
+    """A gate query lies outside the region its coefficients were fitted on."""
+
+
+@dataclass(frozen=True)
+class GateQuery:
+    """What the gate is asked. Give exactly one of ``student_tokens`` and ``compute`` (FLOPs);
+    describe the teacher by ``teacher_params`` and ``teacher_tokens`` (its loss then comes
+    from the supervised law) and/or by a measured ``teacher_loss`` (calibrated sets only)."""
+
+    student_params: float
+    student_tokens: float | None = None
+    compute: float | None = None
+    teacher_params: float | None = None
+    teacher_tokens: float | None = None
+    teacher_loss: float | None = None
+    scenario: str = "teacher-inference"
+    n_ctx: int = 2048
+    n_vocab: int = 32768
+
+    def validate(self) -> GateQuery:
+        """Raise ValueError naming the offending argument; returns self when valid."""
+        _positive("student_params", self.student_params)
+        for name in ("student_tokens", "compute", "teacher_params", "teacher_tokens", "teacher_loss"):
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name))
+        for name in ("n_ctx", "n_vocab"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+                raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+        if (self.student_tokens is None) == (self.compute is None):
+            raise ValueError("student_tokens/compute: give exactly one of them (a token budget or a FLOP budget)")
+        scenario_deltas(self.scenario)
+        self._validate_teacher()
+        self._validate_compute()
+        return self
+
+    def _validate_teacher(self) -> None:
+        has_size = self.teacher_params is not None and self.teacher_tokens is not None
+        if not has_size and self.teacher_loss is None:
+            raise ValueError("teacher_params/teacher_tokens/teacher_loss: describe the teacher by "
+                             "teacher_params and teacher_tokens, or by a measured teacher_loss")
+        d_lgt, d_pre = scenario_deltas(self.scenario)
+        optimised = d_pre and self.compute is not None  # the gate picks the teacher itself then
+        if d_lgt and not optimised and self.teacher_params is None:
+            raise ValueError(f"teacher_params: scenario {self.scenario!r} counts the teacher's logit FLOPs, "
+                             "so its size is needed")
+        if d_pre and not optimised and not has_size:
+            raise ValueError(f"teacher_params/teacher_tokens: scenario {self.scenario!r} counts the teacher's "
+                             "pretraining FLOPs, so its size and tokens are needed")
+
+    def _validate_compute(self) -> None:
+        if self.compute is None:
+            return
+        one_step = supervised_compute(self.student_params, self.n_ctx, self.n_ctx, self.n_vocab)
+        if self.compute < one_step:
+            raise ValueError(f"compute: {self.compute:.3g} FLOPs is less than one training step of the student "
+                             f"({one_step:.3g} FLOPs for {self.n_ctx} tokens)")
+
+
+def _positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise ValueError(f"{name}: must be a number, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name}: must be finite and > 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class SupervisedBranch:
+    """Predicted outcome of plain supervised training of the student."""
+
+    loss: float
+    tokens: float
+    compute: float
+
+
+@dataclass(frozen=True)
+class DistillBranch:
+    """Predicted outcome of distilling the student from the teacher."""
+
+    loss: float
+    teacher_loss: float
+    tokens: float
+    compute: float
+    teacher_params: float | None
+    teacher_tokens: float | None
+    teacher_loss_source: str  # "measured", "supervised law" or "compute-optimal teacher"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The gate's answer, with both branches' predictions and the provenance of the numbers."""
+
+    decision: str
+    reason: str
+    scenario: str
+    coefficients: str
+    in_support: bool
+    warnings: tuple[str, ...]
+    crossover_tokens: float | None
+    crossover_note: str
+    supervised: SupervisedBranch
+    distill: DistillBranch
+    query: GateQuery
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form (non-finite numbers become None)."""
+        return _jsonable({
+            "decision": self.decision,
+            "reason": self.reason,
+            "scenario": self.scenario,
+            "coefficients": self.coefficients,
+            "in_support": self.in_support,
+            "warnings": list(self.warnings),
+            "crossover_tokens": self.crossover_tokens,
+            "crossover_note": self.crossover_note,
+            "loss_margin": self.supervised.loss - self.distill.loss,
+            "supervised": dataclasses.asdict(self.supervised),
+            "distill": dataclasses.asdict(self.distill),
+            "query": dataclasses.asdict(self.query),
+        })
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (bool, str)) or obj is None:
+        return obj
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    value = float(obj)
+    return value if math.isfinite(value) else None
+
+
+# --------------------------------------------------------------------------------------
+# Decision
+# --------------------------------------------------------------------------------------
+
+
+def teacher_loss_for(query: GateQuery, coefs: CoefficientSet) -> tuple[float, str]:
+    """L_T for the query and where it came from: a measured value, or the supervised law at (N_T, D_T)."""
+    _check_loss_scale(query, coefs)
+    if query.teacher_loss is not None:
+        return float(query.teacher_loss), "measured"
+    return float(supervised_loss(query.teacher_params, query.teacher_tokens, coefs.supervised)), "supervised law"
+
+
+def _check_loss_scale(query: GateQuery, coefs: CoefficientSet) -> None:
+    """A measured loss is on our tokenizer's scale, never on the paper's."""
+    if query.teacher_loss is not None and coefs.name == "paper":
+        raise ValueError("teacher_loss: a measured teacher loss cannot be used with the 'paper' coefficients; "
+                         "the paper's loss scale (C4, its tokenizer) is not ours. Give teacher_params and "
+                         "teacher_tokens, or use a calibrated coefficient set")
+
+
+def crossover_tokens(student_params: float, teacher_loss: float, coefs: CoefficientSet,
+                     lo: float = TOKEN_RANGE[0], hi: float = TOKEN_RANGE[1]) -> float | None:
+    """Smallest D_S in [lo, hi] beyond which supervised training beats distillation from a
+    teacher of loss ``teacher_loss`` at equal student tokens; None if it never changes
+    from distillation-better to supervised-better in that range."""
+    diff = _margin_fn(student_params, teacher_loss, coefs)
+    x = np.linspace(math.log(lo), math.log(hi), 400)
+    v = diff(x)
+    idx = np.flatnonzero((v[:-1] > 0) & (v[1:] <= 0))
+    if idx.size == 0:
+        return None
+    i = int(idx[0])
+    return float(math.exp(brentq(diff, x[i], x[i + 1], xtol=1e-10)))
+
+
+def _margin_fn(student_params: float, teacher_loss: float, coefs: CoefficientSet):
+    """log D -> L_supervised - L_distill (positive where distillation is better)."""
+
+    def diff(log_d):
+        d = np.exp(log_d)
+        return (np.asarray(supervised_loss(student_params, d, coefs.supervised))
+                - np.asarray(distillation_loss(student_params, d, teacher_loss, coefs)))
+
+    return diff
+
+
+def _crossover_note(student_params: float, teacher_loss: float, coefs: CoefficientSet, cross: float | None) -> str:
+    if cross is not None:
+        return f"supervised beats distillation from {cross:.3g} student tokens on"
+    lo_margin = float(_margin_fn(student_params, teacher_loss, coefs)(math.log(TOKEN_RANGE[0])))
+    better = "distillation" if lo_margin > 0 else "supervised"
+    return f"no crossover: {better} is better throughout [{TOKEN_RANGE[0]:.0e}, {TOKEN_RANGE[1]:.0e}] tokens"
+
+
+def _supervised_branch(query: GateQuery, coefs: CoefficientSet) -> SupervisedBranch:
+    f_s = flops_per_token(query.student_params, query.n_ctx, query.n_vocab)
+    tokens = query.student_tokens if query.student_tokens is not None else query.compute / (3.0 * f_s)
+    loss = float(supervised_loss(query.student_params, tokens, coefs.supervised))
+    return SupervisedBranch(loss, float(tokens), float(supervised_compute(query.student_params, tokens,
+                                                                           query.n_ctx, query.n_vocab)))
+
+
+def _fixed_teacher_branch(query: GateQuery, coefs: CoefficientSet) -> DistillBranch:
+    """Distillation from the given teacher: all of a compute budget goes to student tokens."""
+    teacher_loss, source = teacher_loss_for(query, coefs)
+    d_lgt, d_pre = scenario_deltas(query.scenario)
+    tokens = query.student_tokens
+    if tokens is None:
+        per_token = 3.0 * flops_per_token(query.student_params, query.n_ctx, query.n_vocab)
+        if d_lgt:
+            per_token += flops_per_token(query.teacher_params, query.n_ctx, query.n_vocab)
+        tokens = query.compute / per_token
+    compute = distillation_compute(query.student_params, tokens, query.teacher_params, query.teacher_tokens,
+                                   query.scenario, query.n_ctx, query.n_vocab)
+    loss = float(distillation_loss(query.student_params, tokens, teacher_loss, coefs))
+    return DistillBranch(loss, teacher_loss, float(tokens), float(compute), query.teacher_params,
+                         query.teacher_tokens, source)
+
+
+def _allocation(u: np.ndarray, query: GateQuery) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(log N_T, logit of the student's share of compute) -> (D_S, N_T, D_T) spending exactly C."""
+    d_lgt, _ = scenario_deltas(query.scenario)
+    n_t = np.exp(u[..., 0])
+    share = 1.0 / (1.0 + np.exp(-u[..., 1]))
+    f_s = flops_per_token(query.student_params, query.n_ctx, query.n_vocab)
+    f_t = np.asarray(flops_per_token(n_t, query.n_ctx, query.n_vocab))
+    d_s = share * query.compute / (3.0 * f_s + d_lgt * f_t)
+    d_t = (1.0 - share) * query.compute / (3.0 * f_t)
+    return d_s, n_t, d_t
+
+
+def _allocation_loss(u: np.ndarray, query: GateQuery, coefs: CoefficientSet) -> np.ndarray:
+    """Predicted student loss of an allocation; +inf outside [1e6, 1e17] for D_S, N_T, D_T."""
+    d_s, n_t, d_t = _allocation(u, query)
+    lo, hi = TOKEN_RANGE
+    ok = (d_s >= lo) & (d_s <= hi) & (n_t >= lo) & (n_t <= hi) & (d_t >= lo) & (d_t <= hi)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        l_t = supervised_loss(n_t, d_t, coefs.supervised)
+        loss = np.asarray(distillation_loss(query.student_params, d_s, l_t, coefs))
+    return np.where(ok & np.isfinite(loss), loss, np.inf)
+
+
+def _optimal_teacher_branch(query: GateQuery, coefs: CoefficientSet) -> DistillBranch:
+    """Compute-optimal distillation when the teacher must be trained too.
+
+    The paper ran SLSQP over (D_S, N_T, D_T) with the equality constraint FLOPs = C. Here
+    the constraint is solved exactly by parametrising (log N_T, student share of C); a
+    dense grid over both then Nelder-Mead from the best few cells avoids SLSQP's local
+    minima and constraint drift."""
+    log_nt = np.linspace(math.log(TOKEN_RANGE[0]), math.log(TOKEN_RANGE[1]), 121)
+    logit = np.linspace(-12.0, 12.0, 97)
+    grid = np.stack(np.meshgrid(log_nt, logit, indexing="ij"), axis=-1).reshape(-1, 2)
+    values = _allocation_loss(grid, query, coefs)
+    if not np.isfinite(values).any():
+        raise ValueError(f"compute: {query.compute:.3g} FLOPs cannot train a teacher and student with every "
+                         f"size and token count in [{TOKEN_RANGE[0]:.0e}, {TOKEN_RANGE[1]:.0e}]")
+    best_u, best = grid[int(np.argmin(values))], float(np.min(values))
+    for start in grid[np.argsort(values)[:4]]:
+        res = minimize(lambda u: float(_allocation_loss(u, query, coefs)), start, method="Nelder-Mead",
+                       options={"xatol": 1e-6, "fatol": 1e-12, "maxiter": 2000})
+        if res.fun < best:
+            best_u, best = res.x, float(res.fun)
+    d_s, n_t, d_t = (float(v) for v in _allocation(best_u, query))
+    teacher_loss = float(supervised_loss(n_t, d_t, coefs.supervised))
+    compute = distillation_compute(query.student_params, d_s, n_t, d_t, query.scenario, query.n_ctx, query.n_vocab)
+    return DistillBranch(best, teacher_loss, d_s, float(compute), n_t, d_t, "compute-optimal teacher")
+
+
+def _support_warnings(coefs: CoefficientSet, values: dict[str, list[float | None]]) -> list[str]:
+    """One human-readable line per queried quantity outside the coefficient set's support."""
+    out = []
+    for key, items in values.items():
+        if key not in coefs.support:
+            continue
+        lo, hi = coefs.support[key]
+        for v in items:
+            if v is not None and not lo <= v <= hi:
+                out.append(f"{key}={v:.3g} is outside the support of coefficient set {coefs.name!r} "
+                           f"[{lo:.3g}, {hi:.3g}]; the prediction is an extrapolation")
+    return out
+
+
+def decide(query: GateQuery, coefs: CoefficientSet) -> Decision:
+    """Predict both branches for ``query`` with ``coefs`` and choose the one with lower loss
+    (ties go to supervised: no labelling needed)."""
+    query.validate()
+    if coefs.distillation is None:
+        raise ValueError(f"coefs: coefficient set {coefs.name!r} has no distillation law")
+    _check_loss_scale(query, coefs)
+    sup = _supervised_branch(query, coefs)
+    _, d_pre = scenario_deltas(query.scenario)
+    if d_pre and query.compute is not None:
+        dist = _optimal_teacher_branch(query, coefs)
+    else:
+        dist = _fixed_teacher_branch(query, coefs)
+    cross = crossover_tokens(query.student_params, dist.teacher_loss, coefs)
+    note = _crossover_note(query.student_params, dist.teacher_loss, coefs, cross)
+    msgs = _support_warnings(coefs, {
+        "student_params": [query.student_params],
+        "student_tokens": sorted({sup.tokens, dist.tokens}),
+        "teacher_params": [dist.teacher_params],
+        "teacher_tokens": [dist.teacher_tokens],
+        "teacher_loss": [dist.teacher_loss],
+    })
+    for msg in msgs:
+        warnings.warn(msg, OutOfSupportWarning, stacklevel=2)
+    choice = "distill" if dist.loss < sup.loss else "supervised"
+    return Decision(choice, _reason(choice, query, coefs, sup, dist, note), query.scenario, coefs.name,
+                    not msgs, tuple(msgs), cross, note, sup, dist, query)
+
+
+def _reason(choice: str, query: GateQuery, coefs: CoefficientSet, sup: SupervisedBranch,
+            dist: DistillBranch, note: str) -> str:
+    budget = (f"{query.student_tokens:.3g} tokens" if query.student_tokens is not None
+              else f"{query.compute:.3g} FLOPs")
+    teacher = f"teacher L_T={dist.teacher_loss:.4g} ({dist.teacher_loss_source}"
+    teacher += f", N_T={dist.teacher_params:.3g})" if dist.teacher_params is not None else ")"
+    winner, loser = (dist.loss, sup.loss) if choice == "distill" else (sup.loss, dist.loss)
+    other = "supervised" if choice == "distill" else "distillation"
+    return (f"{choice}: predicted student loss {winner:.4f} vs {loser:.4f} for {other} "
+            f"(N_S={query.student_params:.3g}, budget {budget}, {teacher}, scenario {query.scenario}, "
+            f"coefficients {coefs.name!r}); {note}.")
+
+
+# --------------------------------------------------------------------------------------
+# Presentation
+# --------------------------------------------------------------------------------------
+
+
+def _fmt(value: Any, spec: str = ".4g") -> str:
+    if value is None:
+        return "-"
+    return format(value, spec)
+
+
+def format_table(decision: Decision) -> str:
+    """A plain-text table of a decision: both branches side by side, then provenance."""
+    s, d = decision.supervised, decision.distill
+    rows = [
+        ("predicted loss", _fmt(s.loss, ".4f"), _fmt(d.loss, ".4f")),
+        ("student tokens", _fmt(s.tokens, ".3e"), _fmt(d.tokens, ".3e")),
+        ("compute (FLOPs)", _fmt(s.compute, ".3e"), _fmt(d.compute, ".3e")),
+        ("teacher loss", "-", _fmt(d.teacher_loss, ".4f") + f" ({d.teacher_loss_source})"),
+        ("teacher params", "-", _fmt(d.teacher_params, ".3e")),
+        ("teacher tokens", "-", _fmt(d.teacher_tokens, ".3e")),
+    ]
+    width = max(len(r[0]) for r in rows) + 2
+    lines = [f"gate decision: {decision.decision.upper()}",
+             f"coefficients: {decision.coefficients}   scenario: {decision.scenario}   "
+             f"in support: {'yes' if decision.in_support else 'NO'}",
+             "",
+             f"{'':<{width}}{'supervised':>14}  {'distill':<}",
+             *(f"{name:<{width}}{a:>14}  {b}" for name, a, b in rows),
+             "",
+             f"crossover tokens: {_fmt(decision.crossover_tokens, '.3e')} ({decision.crossover_note})",
+             f"reason: {decision.reason}"]
+    lines += [f"warning: {w}" for w in decision.warnings]
+    return "\n".join(lines)
+
+
+def _map_ranges(query: GateQuery, coefs: CoefficientSet, tokens: float,
+                cross: float | None) -> tuple[tuple[float, float], tuple[float, float]]:
+    """log10 ranges of the map: the query +-2 decades in N and +-3 in D, widened to show the
+    support and the crossover."""
+    n_lo, n_hi = query.student_params / 100, query.student_params * 100
+    if "student_params" in coefs.support:
+        n_lo, n_hi = min(n_lo, coefs.support["student_params"][0]), max(n_hi, coefs.support["student_params"][1])
+    d_lo, d_hi = tokens / 1e3, tokens * 1e3
+    if cross is not None:
+        d_lo, d_hi = min(d_lo, cross / 10), max(d_hi, cross * 10)
+    d_lo, d_hi = max(d_lo, TOKEN_RANGE[0]), min(d_hi, TOKEN_RANGE[1])
+    return (math.log10(n_lo), math.log10(n_hi)), (math.log10(d_lo), math.log10(d_hi))
+
+
+def plot_decision_map(query: GateQuery, coefs: CoefficientSet, path: str | Path,
+                      decision: Decision | None = None) -> Path:
+    """Write a PNG heat map of L_supervised - L_distill over (log N_S, log D_S) at the
+    decision's teacher loss (equal student tokens in both branches; > 0 means distil), with
+    the zero contour (the crossover), the support bounds and the query as a star. Returns the path."""
+    # The Agg canvas is used directly so that no global pyplot backend state is touched.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import SymLogNorm
+    from matplotlib.figure import Figure
+
+    decision = decision or decide(query, coefs)
+    l_t, tokens = decision.distill.teacher_loss, decision.supervised.tokens
+    (n0, n1), (d0, d1) = _map_ranges(query, coefs, tokens, decision.crossover_tokens)
+    log_n, log_d = np.linspace(n0, n1, 120), np.linspace(d0, d1, 120)
+    nn, dd = np.meshgrid(10**log_n, 10**log_d)
+    margin = np.asarray(supervised_loss(nn, dd, coefs.supervised)) - np.asarray(
+        distillation_loss(nn, dd, l_t, coefs))
+    vmax = max(float(np.nanmax(np.abs(margin))), 2e-2)
+
+    fig = Figure(figsize=(7.5, 5.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    # Symmetric log scale: the margins near the crossover (~0.01 nats) stay visible next to
+    # the large ones of starved students.
+    norm = SymLogNorm(linthresh=1e-2, vmin=-vmax, vmax=vmax)
+    mesh = ax.pcolormesh(log_n, log_d, margin, cmap="RdBu", norm=norm, shading="auto")
+    fig.colorbar(mesh, ax=ax, label="L_supervised - L_distill (nats; > 0: distil wins)")
+    if np.nanmin(margin) < 0 < np.nanmax(margin):
+        ax.contour(log_n, log_d, margin, levels=[0.0], colors="k", linewidths=1.5)
+    _draw_support(ax, coefs)
+    ax.plot([math.log10(query.student_params)], [math.log10(tokens)], marker="*", markersize=16,
+            color="gold", markeredgecolor="k", linestyle="none", label=f"query ({decision.decision})")
+    if not math.isclose(decision.distill.tokens, tokens, rel_tol=1e-6):
+        ax.plot([math.log10(query.student_params)], [math.log10(decision.distill.tokens)], marker="*",
+                markersize=12, color="none", markeredgecolor="k", linestyle="none",
+                label="distil tokens at that compute")
+    ax.set_xlabel("log10 student parameters N_S")
+    ax.set_ylabel("log10 student tokens D_S")
+    ax.set_title(f"distil vs supervised: scenario {decision.scenario}, coefficients {coefs.name!r}\n"
+                 f"teacher L_T = {l_t:.4g}; black line: crossover (equal tokens)", fontsize=10)
+    ax.legend(loc="best", fontsize=8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=100)
+    return path
+
+
+def _draw_support(ax: Any, coefs: CoefficientSet) -> None:
+    """Dashed lines at the coefficient set's student-size and student-token support bounds."""
+    label = f"support of {coefs.name!r}"
+    for x in coefs.support.get("student_params", ()):
+        ax.axvline(math.log10(x), color="0.3", linestyle="--", linewidth=0.8, label=label)
+        label = None
+    for y in coefs.support.get("student_tokens", ()):
+        ax.axhline(math.log10(y), color="0.3", linestyle="--", linewidth=0.8, label=label)
+        label = None

@@ -1,0 +1,444 @@
+"""Training under Ray Train: ``train_step``, ``eval_step``, ``train_loop_per_worker`` and the driver.
+
+One code path trains both the scratch teacher (supervised) and the student (distillation
+from offline top-k labels, or supervised). Workers read their data shard through Ray Data,
+average gradients with one all-reduce per step (gloo on CPU, NCCL on GPU), checkpoint every
+``checkpoint_every`` steps (model, optimizer, scheduler, RNG, data position) and resume from
+the latest checkpoint when Ray Train restarts them or the driver is re-run with the same
+inputs (the run name is a hash of them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distill.config import DistillConfig, ModelConfig, OptimConfig
+from distill.io import sha256_bytes
+from distill.losses import DistillationLoss, SparseTeacher
+
+
+@dataclass
+class TrainSpec:
+    """Everything a training run needs; picklable, so it travels to the Ray workers."""
+
+    role: str                         # "teacher" or "student": names the run and MLflow keys
+    model: ModelConfig
+    optim: OptimConfig
+    loss: DistillConfig | None        # None: supervised next-token training
+    data_paths: list[str]             # parquet shards (prepared blocks or label shards)
+    val_paths: list[str]
+    tokenizer_dir: str
+    vocab_size: int
+    block_size: int
+    eos_id: int
+    pad_id: int | None
+    storage_path: str
+    seed: int = 0
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    checkpoint_every: int = 50
+    max_failures: int = 2
+    eval_blocks: int = 64
+    log_every: int = 10
+    label_meta: dict = field(default_factory=dict)
+    tracking_uri: str = ""
+    mlflow_run_id: str = ""
+    data_hash: str = ""
+
+    def run_name(self) -> str:
+        """Same inputs → same name → Ray Train resumes that run instead of starting over."""
+        payload = dataclasses.asdict(self)
+        for volatile in ("mlflow_run_id", "tracking_uri", "storage_path", "max_failures",
+                         "data_paths", "val_paths", "tokenizer_dir"):
+            payload.pop(volatile)
+        return f"{self.role}-{sha256_bytes(json.dumps(payload, sort_keys=True).encode())[:12]}"
+
+
+@dataclass
+class TrainResult:
+    """What the driver gets back: the final HF model folder and the metric history."""
+
+    model_dir: Path
+    history: list[dict]
+    final: dict
+
+
+# ---------------------------------------------------------------------------- steps
+
+def lr_lambda(optim: OptimConfig):
+    """Linear warm-up to 1, then cosine decay to ``min_lr_ratio``."""
+    def factor(step: int) -> float:
+        if step < optim.warmup_steps:
+            return (step + 1) / optim.warmup_steps
+        progress = (step - optim.warmup_steps) / max(1, optim.steps - optim.warmup_steps)
+        cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * cosine
+    return factor
+
+
+def make_optimizer(model: torch.nn.Module, optim: OptimConfig):
+    """AdamW (decay on matrices only) and its warm-up + cosine scheduler."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": optim.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=optim.lr, betas=(0.9, 0.95), eps=1e-8)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(optim))
+
+
+def hidden_and_head(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final hidden states [B, T, H] and the output projection [V, H] of an HF causal LM."""
+    base = getattr(model, model.base_model_prefix)
+    hidden = base(input_ids=input_ids).last_hidden_state
+    return hidden, model.get_output_embeddings().weight
+
+
+def batch_to_tensors(batch: dict, device: torch.device, k: int | None) -> tuple:
+    """A numpy batch → (inputs [B, T-1], targets [B, T-1], SparseTeacher or None)."""
+    ids = torch.from_numpy(np.stack(batch["input_ids"]).astype(np.int64)).to(device)
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+    teacher = None
+    if k is not None:
+        n = inputs.numel()
+        teacher = SparseTeacher(
+            ids=torch.from_numpy(np.stack(batch["topk_ids"]).astype(np.int64)).to(device).view(n, k),
+            logprobs=torch.from_numpy(np.stack(batch["topk_logprobs"]).astype(np.float32)).to(device).view(n, k),
+            rest=torch.from_numpy(np.stack(batch["rest_logprob"]).astype(np.float32)).to(device).view(n),
+        )
+    return inputs, targets, teacher
+
+
+def train_step(model, loss_fn, optimizer, scheduler, batch, grad_clip: float, world: int):
+    """One optimizer step; returns the loss parts as floats. Non-finite loss raises."""
+    inputs, targets, teacher = batch
+    model.train()
+    hidden, head = hidden_and_head(model, inputs)
+    parts = loss_fn(hidden.flatten(0, 1), head, targets.flatten(), teacher)
+    if not torch.isfinite(parts.total):
+        raise FloatingPointError(f"non-finite loss {parts.total.item()}")
+    optimizer.zero_grad(set_to_none=True)
+    parts.total.backward()
+    if world > 1:
+        allreduce_gradients(model, world)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip else None
+    optimizer.step()
+    scheduler.step()
+    return {"loss": parts.total.item(), "ntp": parts.ntp.item(), "kd": parts.kd.item(),
+            "z": parts.z.item(), "grad_norm": float(norm) if norm is not None else 0.0}
+
+
+def allreduce_gradients(model, world: int) -> None:
+    """Average gradients across workers with one flat all-reduce."""
+    import torch.distributed as dist
+
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+@torch.inference_mode()
+def eval_step(model, blocks: np.ndarray, batch_size: int, device: torch.device) -> float:
+    """Mean next-token cross-entropy (nats/token) of ``model`` on ``blocks`` [n, T]."""
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(blocks), batch_size):
+        ids = torch.from_numpy(blocks[start:start + batch_size].astype(np.int64)).to(device)
+        logits = model(input_ids=ids[:, :-1]).logits.float()
+        total += torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
+        count += ids[:, 1:].numel()
+    return total / max(1, count)
+
+
+# ---------------------------------------------------------------------------- worker
+
+def build_or_load_model(spec: TrainSpec):
+    """A fresh scratch model, or the local HF model named by ``spec.model.model``."""
+    from distill.models import build_llama, load_causal_lm
+
+    if spec.model.model == "scratch":
+        return build_llama(spec.model, spec.vocab_size, spec.block_size, spec.seed,
+                           spec.eos_id, spec.pad_id)
+    return load_causal_lm(spec.model.model, spec.model.trust_remote_code)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train worker: train ``config['spec']``, checkpoint, resume, report."""
+    import ray.train
+    import ray.train.torch
+
+    spec: TrainSpec = config["spec"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, round(spec.cpus_per_worker)))
+    device = ray.train.torch.get_device()
+    model = build_or_load_model(spec).to(device)
+    if world > 1:
+        broadcast_parameters(model)
+    optimizer, scheduler = make_optimizer(model, spec.optim)
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "history": []}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = load_training_state(Path(d), model, optimizer, scheduler, rank)
+    loss_fn = build_loss(spec)
+    k = spec.label_meta.get("k") if spec.loss is not None else None
+    shard = ray.train.get_dataset_shard("train")
+    val_blocks = load_val_blocks(spec) if rank == 0 else None
+    logger = MlflowWorkerLogger(spec) if rank == 0 else None
+    per_worker = max(1, spec.optim.batch_size // world)
+    tokens_per_step = per_worker * world * (spec.block_size - 1)
+    t0 = time.perf_counter()
+    while state["step"] < spec.optim.steps:
+        iterator = shard.iter_batches(batch_size=per_worker, batch_format="numpy", drop_last=True,
+                                      local_shuffle_buffer_size=max(4 * per_worker, 64),
+                                      local_shuffle_seed=spec.seed + state["epoch"])
+        for i, batch in enumerate(iterator):
+            if i < state["batch_in_epoch"]:
+                continue  # resuming mid-epoch: skip what was already trained on
+            try:
+                metrics = train_step(model, loss_fn, optimizer, scheduler,
+                                     batch_to_tensors(batch, device, k), spec.optim.grad_clip, world)
+            except FloatingPointError as exc:
+                raise FloatingPointError(
+                    f"{spec.role} training diverged at step {state['step'] + 1}: {exc}; "
+                    f"last good checkpoint: step {state.get('last_checkpoint_step', 'none')} "
+                    f"under {spec.storage_path}/{spec.run_name()}") from exc
+            state["step"] += 1
+            state["batch_in_epoch"] = i + 1
+            metrics.update(step=state["step"], lr=scheduler.get_last_lr()[0],
+                           tokens=state["step"] * tokens_per_step,
+                           tokens_per_s=(state["step"] * tokens_per_step) / (time.perf_counter() - t0))
+            if rank == 0 and state["step"] % spec.optim.eval_every == 0:
+                metrics["val_loss"] = eval_step(model, val_blocks, per_worker, device)
+            if rank == 0 and (state["step"] % spec.log_every == 0 or "val_loss" in metrics):
+                state["history"].append(metrics)
+                logger.log(metrics)
+                print_progress(spec, metrics)
+            if state["step"] % spec.checkpoint_every == 0 and state["step"] < spec.optim.steps:
+                report_checkpoint(spec, model, optimizer, scheduler, state, metrics, rank, final=False)
+                state["last_checkpoint_step"] = state["step"]
+            if state["step"] >= spec.optim.steps:
+                break
+        else:
+            state["epoch"] += 1
+            state["batch_in_epoch"] = 0
+            if state["step"] == 0:
+                raise ValueError(f"{spec.role}: the training data has fewer blocks than one batch "
+                                 f"({per_worker} per worker)")
+    final = {"step": state["step"]}
+    if rank == 0:
+        final["val_loss"] = eval_step(model, val_blocks, per_worker, device)
+        logger.log({"final_val_loss": final["val_loss"], "step": state["step"]})
+    report_checkpoint(spec, model, optimizer, scheduler, state, final, rank, final=True)
+
+
+def broadcast_parameters(model) -> None:
+    """Start every worker from rank 0's weights."""
+    import torch.distributed as dist
+
+    for p in model.parameters():
+        dist.broadcast(p.data, src=0)
+
+
+def build_loss(spec: TrainSpec) -> DistillationLoss:
+    """The distillation loss, or plain NTP (+ z-loss) when supervised."""
+    if spec.loss is None:
+        return DistillationLoss(alpha=0.0, z_loss=1e-4)
+    c = spec.loss
+    return DistillationLoss(alpha=c.alpha, temperature=c.temperature, kind=c.divergence,
+                            beta=c.jsd_beta, z_loss=c.z_loss, chunk_positions=c.chunk_positions)
+
+
+def load_val_blocks(spec: TrainSpec) -> np.ndarray:
+    """The first ``eval_blocks`` validation blocks (rank 0 evaluates)."""
+    from distill.blocks import iter_shard_blocks
+
+    parts, n = [], 0
+    for path in spec.val_paths:
+        for _, arr in iter_shard_blocks(Path(path)):
+            parts.append(arr)
+            n += len(arr)
+        if n >= spec.eval_blocks:
+            break
+    return np.concatenate(parts)[: spec.eval_blocks]
+
+
+def print_progress(spec: TrainSpec, m: dict) -> None:
+    """One progress line per log step (Ray forwards worker output to the driver)."""
+    val = f" val {m['val_loss']:.4f}" if "val_loss" in m else ""
+    print(f"[{spec.role}] step {m['step']}/{spec.optim.steps} loss {m['loss']:.4f} "
+          f"ntp {m['ntp']:.4f} kd {m['kd']:.4f}{val} lr {m['lr']:.2e} "
+          f"{m['tokens_per_s']:.0f} tok/s", flush=True)
+
+
+class MlflowWorkerLogger:
+    """Logs metrics from rank 0 into the stage's MLflow run (Ray Train V2 has no MLflow callback)."""
+
+    def __init__(self, spec: TrainSpec):
+        self.client = None
+        if spec.tracking_uri and spec.mlflow_run_id:
+            from mlflow.tracking import MlflowClient
+
+            self.client, self.run_id, self.prefix = MlflowClient(spec.tracking_uri), spec.mlflow_run_id, spec.role
+
+    def log(self, metrics: dict) -> None:
+        if self.client is None:
+            return
+        from mlflow.entities import Metric
+
+        step, now = int(metrics.get("step", 0)), int(time.time() * 1000)
+        batch = [Metric(f"{self.prefix}/{k}", float(v), now, step)
+                 for k, v in metrics.items() if k != "step" and isinstance(v, (int, float))]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+def report_checkpoint(spec, model, optimizer, scheduler, state, metrics, rank, final: bool) -> None:
+    """Every worker reports (a barrier); rank 0 attaches the checkpoint."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            save_training_state(Path(tmp), model, optimizer, scheduler, state)
+            if final:
+                save_hf_model(spec, model, Path(tmp) / "hf")
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        ray.train.report({**clean, "final": final}, checkpoint=checkpoint)
+
+
+def save_training_state(d: Path, model, optimizer, scheduler, state: dict) -> None:
+    """Model, optimizer, scheduler, RNG and data position, everything resume needs."""
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                        "python": random.getstate()},
+                "position": {k: state[k] for k in ("step", "epoch", "batch_in_epoch")}},
+               d / "state.pt")
+    (d / "history.json").write_text(json.dumps(state["history"]))
+
+
+def load_training_state(d: Path, model, optimizer, scheduler, rank: int) -> dict:
+    """Restore what ``save_training_state`` wrote; returns the data position and history."""
+    blob = torch.load(d / "state.pt", map_location="cpu", weights_only=False)
+    model.load_state_dict(blob["model"])
+    optimizer.load_state_dict(blob["optimizer"])
+    scheduler.load_state_dict(blob["scheduler"])
+    torch.set_rng_state(blob["rng"]["torch"])
+    np.random.set_state(blob["rng"]["numpy"])
+    random.setstate(blob["rng"]["python"])
+    history = json.loads((d / "history.json").read_text())
+    if rank == 0:
+        print(f"resumed from checkpoint at step {blob['position']['step']}", flush=True)
+    return {**blob["position"], "history": history, "last_checkpoint_step": blob["position"]["step"]}
+
+
+def save_hf_model(spec: TrainSpec, model, out: Path) -> None:
+    """The trained model in HF format (safetensors) with its tokenizer."""
+    from distill.models import save_model
+    from distill.tokenizer import load_tokenizer
+
+    save_model(model, load_tokenizer(spec.tokenizer_dir), out)
+
+
+# ---------------------------------------------------------------------------- driver
+
+SMALL_DATA_BYTES = 256 * 1024 * 1024
+
+
+def open_dataset(paths: list[str]):
+    """A Ray dataset over parquet shards.
+
+    Small data is read by the driver into the object store: on a 2-core machine starting
+    read tasks costs ~10 s before the first batch. Large data is read by Ray Data tasks
+    (paths must then be on storage every node sees).
+    """
+    import pyarrow.parquet as pq
+    import ray.data
+
+    if sum(os.path.getsize(p) for p in paths) <= SMALL_DATA_BYTES:
+        return ray.data.from_arrow([pq.read_table(p) for p in paths])
+    return ray.data.read_parquet(paths)
+
+
+def run_training(spec: TrainSpec, out_dir: Path) -> TrainResult:
+    """Train with Ray Train's ``TorchTrainer`` and copy the final HF model to ``out_dir``."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    dataset = open_dataset(spec.data_paths)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"spec": spec},
+        torch_config=TorchConfig(backend="nccl" if spec.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=spec.num_workers, use_gpu=spec.use_gpu,
+                                     resources_per_worker={"CPU": spec.cpus_per_worker}),
+        run_config=RunConfig(name=spec.run_name(), storage_path=spec.storage_path,
+                             failure_config=FailureConfig(max_failures=spec.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        datasets={"train": dataset},
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    with result.checkpoint.as_directory() as d:
+        hf_dir = Path(d) / "hf"
+        if not hf_dir.is_dir():
+            raise RuntimeError(f"{spec.role}: the final checkpoint {result.checkpoint.path} has no model")
+        history = json.loads((Path(d) / "history.json").read_text())
+        tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(hf_dir, tmp)
+    from distill.io import replace_dir
+
+    replace_dir(tmp, out_dir)
+    return TrainResult(model_dir=out_dir, history=history, final=dict(result.metrics or {}))
+
+
+def spec_from_config(cfg, role: str, model: ModelConfig, optim: OptimConfig,
+                     loss: DistillConfig | None, data_paths: list[Path], val_paths: list[Path],
+                     prepared_dir: Path, manifest: dict, storage: Path, **extra) -> TrainSpec:
+    """A ``TrainSpec`` from the validated config and the prepared data's manifest."""
+    tok = manifest["tokenizer"]
+    # The run name must change with the data, or Ray Train would "resume" a finished run
+    # on old data: hash the prepared shards' content hashes and the data file names
+    # (label files are named by their content address).
+    shard_hashes = [s["hash"] for split in ("train", "val") for s in manifest["splits"][split]["shards"]]
+    data_hash = sha256_bytes(json.dumps([shard_hashes, [Path(p).name for p in data_paths]]).encode())
+    return TrainSpec(
+        role=role, model=model, optim=optim, loss=loss,
+        data_paths=[str(Path(p).resolve()) for p in data_paths],
+        val_paths=[str(Path(p).resolve()) for p in val_paths],
+        tokenizer_dir=str((prepared_dir / "tokenizer").resolve()),
+        vocab_size=tok["vocab_size"], block_size=manifest["block_size"],
+        eos_id=tok["eos_id"], pad_id=tok["pad_id"], storage_path=str(storage.resolve()),
+        seed=cfg.seed, num_workers=cfg.train.num_workers, cpus_per_worker=cfg.train.cpus_per_worker,
+        use_gpu=cfg.train.use_gpu, checkpoint_every=cfg.train.checkpoint_every,
+        max_failures=cfg.train.max_failures, eval_blocks=cfg.evaluate.max_blocks,
+        data_hash=data_hash[:16], **extra)
+
+
+def tokens_per_run(optim: OptimConfig, block_size: int, num_workers: int) -> int:
+    """Training tokens D a run consumes: steps × global batch × predicted positions per block."""
+    per_worker = max(1, optim.batch_size // num_workers)
+    return optim.steps * per_worker * num_workers * (block_size - 1)

@@ -1,0 +1,1 @@
+"""Prefect flows (the pipeline, calibration, schedules) and the ``distill`` command line."""

@@ -1,0 +1,103 @@
+"""Stage ``gate``: distil or train the student supervised? Decided by the scaling laws.
+
+Reads the teacher's description (``teacher.json``), sizes the student and its token
+budget from the params, asks ``distill.gate.decide`` and writes ``gate/decision.json``
+(both branches' predicted losses and compute, the reason, which coefficients, whether the
+query is inside their support) and the decision map PNG.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from distill.config import Config, ModelConfig
+from distill.gate import GateQuery, decide, format_table, plot_decision_map
+from distill.io import read_json, write_json
+from distill.law import load_coefficients
+from distill.models import build_llama, count_parameters
+from distill.training import tokens_per_run
+from tasks.common import (COEFFICIENTS, DECISION, DECISION_MAP, PREPARED, TEACHER_JSON,
+                          log_to_mlflow, stage_main)
+
+
+def run(cfg: Config, out: Path = DECISION, map_path: Path = DECISION_MAP) -> dict:
+    """Decide and write ``decision.json`` and the decision map; returns the decision dict."""
+    teacher = read_json(TEACHER_JSON)
+    manifest = read_json(PREPARED / "manifest.json")
+    coefs = load_coefficients(coefficient_source(cfg.gate.coefficients))
+    query = build_query(cfg, teacher, manifest, calibrated=coefs.name != "paper")
+    with warnings.catch_warnings(record=True):
+        # Out-of-support warnings are also in decision.warnings, printed with the table.
+        warnings.simplefilter("always")
+        decision = decide(query, coefs)
+    result = decision.to_dict()
+    result["law_decision"] = result["decision"]
+    if cfg.gate.force != "none":
+        result["decision"] = cfg.gate.force
+        result["reason"] = (f"forced by gate.force = {cfg.gate.force} (the law said "
+                            f"{result['law_decision']}: {result['reason']})")
+    result["student"] = {"non_embedding_params": query.student_params, "tokens": query.student_tokens}
+    result["teacher"] = {"fingerprint": teacher["fingerprint"], "val_loss": teacher["val_loss"],
+                         "non_embedding_params": teacher["parameters"]["non_embedding"],
+                         "tokens": teacher["tokens"]}
+    plot_decision_map(query, coefs, map_path, decision=decision)
+    write_json(out, result)
+    print(format_table(decision))  # includes the out-of-support warnings
+    print(f"decision: {result['decision']} — {result['reason']}")
+    log_to_mlflow(params={"gate": {"coefficients": coefs.name, "scenario": query.scenario,
+                                   "force": cfg.gate.force}},
+                  metrics={"gate_supervised_loss": result["supervised"]["loss"],
+                           "gate_distill_loss": result["distill"]["loss"],
+                           "gate_distill": float(result["decision"] == "distill")},
+                  artifacts=[out, map_path])
+    return result
+
+
+def coefficient_source(setting: str) -> str:
+    """``auto`` → the calibrated ``gate/coefficients.json`` when present, else ``paper``."""
+    if setting == "auto":
+        return str(COEFFICIENTS) if COEFFICIENTS.is_file() else "paper"
+    return setting
+
+
+def build_query(cfg: Config, teacher: dict, manifest: dict, calibrated: bool) -> GateQuery:
+    """The gate's question for this run: student size and tokens, the teacher, the scenario."""
+    block, vocab = manifest["block_size"], manifest["tokenizer"]["vocab_size"]
+    teacher_tokens = teacher["tokens"] or None
+    if not calibrated and teacher_tokens is None:
+        raise ValueError("teacher.pretrain_tokens: the paper's law describes a teacher by its "
+                         "parameters and pretraining tokens; set teacher.pretrain_tokens for a "
+                         "given teacher (or calibrate and use gate.coefficients: auto)")
+    return GateQuery(
+        student_params=float(student_non_embedding_params(cfg.student, vocab, block)),
+        student_tokens=float(tokens_per_run(cfg.train, block, cfg.train.num_workers)),
+        teacher_params=float(teacher["parameters"]["non_embedding"]),
+        teacher_tokens=float(teacher_tokens) if teacher_tokens else None,
+        teacher_loss=float(teacher["val_loss"]) if calibrated else None,
+        scenario=cfg.gate.scenario, n_ctx=block, n_vocab=vocab,
+    ).validate()
+
+
+def student_non_embedding_params(model: ModelConfig, vocab: int, block: int) -> int:
+    """N_S without allocating weights (the model is built on the meta device)."""
+    with torch.device("meta"):
+        if model.model == "scratch":
+            student = build_llama(model, vocab, block, seed=0)
+        else:
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            config = AutoConfig.from_pretrained(model.model, trust_remote_code=model.trust_remote_code)
+            student = AutoModelForCausalLM.from_config(config, trust_remote_code=model.trust_remote_code)
+    return count_parameters(student)["non_embedding"]
+
+
+def main() -> None:
+    """``python -m tasks.gate``."""
+    stage_main("gate", run)
+
+
+if __name__ == "__main__":
+    main()
