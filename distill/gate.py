@@ -318,7 +318,11 @@ def _support_warnings(coefs: CoefficientSet, values: dict[str, list[float | None
 
 def decide(query: GateQuery, coefs: CoefficientSet) -> Decision:
     """Predict both branches for ``query`` with ``coefs`` and choose the one with lower loss
-    (ties go to supervised: no labelling needed)."""
+    (ties go to supervised: no labelling needed).
+
+    With a compute budget in a scenario that includes teacher pretraining, the teacher is
+    chosen compute-optimally (N_T, D_T, D_S spending exactly the budget), as in the paper;
+    the query's teacher is then not used. Otherwise the query's teacher is used as given."""
     query.validate()
     if coefs.distillation is None:
         raise ValueError(f"coefs: coefficient set {coefs.name!r} has no distillation law")

@@ -499,7 +499,8 @@ def _optimise(law: _Law, x: dict[str, np.ndarray], log_obs: np.ndarray, starts: 
     return best_theta, best_val
 
 
-def _fit(law: _Law, x: dict[str, np.ndarray], obs: np.ndarray, n_starts: int | None, delta: float) -> tuple[np.ndarray, float, int]:
+def _fit(law: _Law, x: dict[str, np.ndarray], obs: np.ndarray, n_starts: int | None,
+         delta: float) -> tuple[np.ndarray, float, int]:
     """Grid-evaluate the objective, then run L-BFGS-B from the ``n_starts`` best grid points."""
     log_obs = np.log(obs)
     w = np.full(len(obs), 1.0 / len(obs))

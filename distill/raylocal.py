@@ -28,8 +28,11 @@ def init_ray(cfg: RayConfig) -> None:
     # warns several times a second that the state API is unavailable. Progress lines
     # are printed, not logged, so they still reach the driver.
     logging_config = ray.LoggingConfig(encoding="TEXT", log_level="ERROR")
-    if cfg.address:
-        ray.init(address=cfg.address, runtime_env=runtime_env, logging_config=logging_config)
+    # RAY_ADDRESS (set by `ray job submit`, or by the tests' shared Ray) joins that cluster.
+    address = cfg.address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, logging_config=logging_config)
+        _quiet_ray_data()
         return
     ray.init(num_cpus=cfg.num_cpus or os.cpu_count(), include_dashboard=False,
              object_store_memory=cfg.object_store_mb * 1024 * 1024, runtime_env=runtime_env,

@@ -57,16 +57,19 @@ def run_stage(stage: str, env: dict[str, str]) -> dict:
     started = time.perf_counter()
     proc = subprocess.Popen(["dvc", "repro", "--single-item", stage], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1)
-    skipped = False
+    status = "ran"
     for line in proc.stdout:
         sys.stdout.write(line)
-        skipped |= "didn't change, skipping" in line
+        if "didn't change, skipping" in line:
+            status = "unchanged"
+        elif "is cached - skipping run" in line:
+            status = "restored from DVC's run cache"
     if proc.wait() != 0:
         raise RuntimeError(f"stage {stage} failed (dvc repro exit code {proc.returncode}); "
                            f"see its output above")
     seconds = time.perf_counter() - started
-    logger.info(f"stage {stage}: {'unchanged' if skipped else 'ran'} in {seconds:.1f} s")
-    return {"stage": stage, "ran": not skipped, "seconds": seconds}
+    logger.info(f"stage {stage}: {status} in {seconds:.1f} s")
+    return {"stage": stage, "status": status, "seconds": seconds}
 
 
 @flow(name="distill-pipeline", log_prints=False)
@@ -120,8 +123,7 @@ def print_summary(s: dict) -> None:
 
     table = Table(title="distillation pipeline", show_header=False)
     for stage in s["stages"]:
-        table.add_row(f"stage {stage['stage']}", f"{'ran' if stage['ran'] else 'unchanged'} "
-                                                 f"({stage['seconds']:.1f} s)")
+        table.add_row(f"stage {stage['stage']}", f"{stage['status']} ({stage['seconds']:.1f} s)")
     table.add_row("decision", f"{s['decision']}: {s['reason']}")
     table.add_row("teacher val loss", f"{s['teacher_val_loss']:.4f} nats/token")
     table.add_row("student val loss", f"{s['student_val_loss']:.4f} nats/token")

@@ -1,0 +1,72 @@
+"""Integration fixtures: one shared local Ray for the session, tiny projects in temp git repos."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+TINY_PARAMS = {
+    "seed": 0,
+    "data": {"source": "stdlib", "max_documents": 30, "max_doc_chars": 20000, "val_fraction": 0.2,
+             "vocab_size": 320, "block_size": 32, "shard_blocks": 96},
+    "teacher": {"layers": 2, "d_model": 32, "heads": 2,
+                "optim": {"steps": 30, "batch_size": 8, "warmup_steps": 3, "eval_every": 15, "lr": 0.01}},
+    "student": {"layers": 1, "d_model": 16, "heads": 2},
+    "gate": {"force": "distill"},
+    "distill": {"top_k": 8, "alpha": 0.5},
+    "label": {"batch_size": 16},
+    "train": {"steps": 20, "batch_size": 8, "warmup_steps": 2, "eval_every": 10,
+              "checkpoint_every": 10, "lr": 0.01},
+    "evaluate": {"max_blocks": 32, "batch_size": 8},
+}
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    """Run a command in ``cwd`` with the test environment; on failure show its output."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, text=True, capture_output=True, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                             f"{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def shared_ray(tmp_path_factory):
+    """One local Ray head for the whole session; stages join it through RAY_ADDRESS."""
+    temp = tmp_path_factory.mktemp("ray")
+    port = "6391"
+    run([str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2",
+         "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}",
+         "--object-store-memory=300000000"], cwd=temp)
+    os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+    yield os.environ["RAY_ADDRESS"]
+    os.environ.pop("RAY_ADDRESS", None)
+    run([str(BIN / "ray"), "stop", "--force"], cwd=temp, check=False)
+
+
+def make_project(path: Path, params: dict | None = None) -> Path:
+    """A fresh git + DVC project holding the pipeline's code and tiny params."""
+    path.mkdir(parents=True, exist_ok=True)
+    for item in ("distill", "tasks", "flows"):
+        shutil.copytree(ROOT / item, path / item, ignore=shutil.ignore_patterns("__pycache__"))
+    for item in ("dvc.yaml", ".gitignore"):
+        shutil.copy(ROOT / item, path / item)
+    (path / "mlflow").mkdir()
+    (path / "params.yaml").write_text(yaml.safe_dump(params or TINY_PARAMS))
+    run(["git", "init", "-q"], cwd=path)
+    run(["git", "config", "user.email", "test@example.com"], cwd=path)
+    run(["git", "config", "user.name", "test"], cwd=path)
+    run([str(BIN / "dvc"), "init", "-q"], cwd=path)
+    run(["git", "add", "-A"], cwd=path)
+    run(["git", "commit", "-qm", "project"], cwd=path)
+    return path
