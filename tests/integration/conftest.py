@@ -45,6 +45,8 @@ def shared_ray(tmp_path_factory):
     """One local Ray head for the whole session; stages join it through RAY_ADDRESS."""
     temp = tmp_path_factory.mktemp("ray")
     port = "6391"
+    # A loopback-only head for the tests: no token auth, so stage subprocesses just join.
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     run([str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2",
          "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}",
          "--object-store-memory=300000000"], cwd=temp)
@@ -62,7 +64,9 @@ def make_project(path: Path, params: dict | None = None) -> Path:
     for item in ("dvc.yaml", ".gitignore"):
         shutil.copy(ROOT / item, path / item)
     (path / "mlflow").mkdir()
-    (path / "params.yaml").write_text(yaml.safe_dump(params or TINY_PARAMS))
+    # DVC needs every params key a stage names: start from the project's params.yaml.
+    full = deep_merge(yaml.safe_load((ROOT / "params.yaml").read_text()), params or TINY_PARAMS)
+    (path / "params.yaml").write_text(yaml.safe_dump(full))
     run(["git", "init", "-q"], cwd=path)
     run(["git", "config", "user.email", "test@example.com"], cwd=path)
     run(["git", "config", "user.name", "test"], cwd=path)
@@ -70,3 +74,11 @@ def make_project(path: Path, params: dict | None = None) -> Path:
     run(["git", "add", "-A"], cwd=path)
     run(["git", "commit", "-qm", "project"], cwd=path)
     return path
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """``base`` with ``override``'s values, nested sections merged."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = deep_merge(base.get(key, {}), value) if isinstance(value, dict) else value
+    return out

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from .conftest import BIN, TINY_PARAMS, make_project, run
+from .conftest import BIN, TINY_PARAMS, deep_merge, make_project, run
 
 pytestmark = pytest.mark.integration
 
@@ -148,7 +148,7 @@ def test_failed_stage_leaves_no_output_that_looks_complete(repro_project, tmp_pa
 
 def test_bad_params_fail_before_any_work(repro_project, tmp_path):
     bad = tmp_path / "p.yaml"
-    bad.write_text(yaml.safe_dump({**TINY_PARAMS, "train": {**TINY_PARAMS["train"], "divergence": "kl"}}))
+    bad.write_text(yaml.safe_dump(deep_merge(TINY_PARAMS, {"train": {"divergence": "kl"}})))
     proc = run([str(BIN / "python"), "-m", "tasks.train", "--params", str(bad)], cwd=repro_project, check=False)
     assert proc.returncode == 1 and "unknown key train.divergence" in proc.stderr
 
