@@ -115,6 +115,9 @@ class DistillConfig:
                             metadata=_choice("forward_kl", "reverse_kl", "jsd"))
     jsd_beta: float = field(default=0.5, metadata=_range(0.0, 1.0))
     z_loss: float = field(default=1e-4, metadata=_range(0.0))
+    # offline: top-k labels from the label stage; online: the teacher runs inside each
+    # training step and gives full logits (when it fits beside the student).
+    source: str = field(default="offline", metadata=_choice("offline", "online"))
     top_k: int = field(default=32, metadata=_range(1))
     chunk_positions: int = field(default=1024, metadata=_range(1))
 

@@ -54,6 +54,7 @@ class TrainSpec:
     eval_blocks: int = 64
     log_every: int = 10
     label_meta: dict = field(default_factory=dict)
+    teacher_dir: str = ""             # set: online distillation from this teacher's full logits
     tracking_uri: str = ""
     mlflow_run_id: str = ""
     data_hash: str = ""
@@ -62,7 +63,7 @@ class TrainSpec:
         """Same inputs → same name → Ray Train resumes that run instead of starting over."""
         payload = dataclasses.asdict(self)
         for volatile in ("mlflow_run_id", "tracking_uri", "storage_path", "max_failures",
-                         "data_paths", "val_paths", "tokenizer_dir"):
+                         "data_paths", "val_paths", "tokenizer_dir", "teacher_dir"):
             payload.pop(volatile)
         return f"{self.role}-{sha256_bytes(json.dumps(payload, sort_keys=True).encode())[:12]}"
 
@@ -74,6 +75,7 @@ class TrainResult:
     model_dir: Path
     history: list[dict]
     final: dict
+    resumed_from: list[int] = field(default_factory=list)  # steps of the checkpoints resumed from
 
 
 # ---------------------------------------------------------------------------- steps
@@ -193,13 +195,14 @@ def train_loop_per_worker(config: dict) -> None:
     if world > 1:
         broadcast_parameters(model)
     optimizer, scheduler = make_optimizer(model, spec.optim)
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "history": []}
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "history": [], "resumed_from": []}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = load_training_state(Path(d), model, optimizer, scheduler, rank)
     loss_fn = build_loss(spec)
-    k = spec.label_meta.get("k") if spec.loss is not None else None
+    k = spec.label_meta.get("k") if spec.loss is not None and not spec.teacher_dir else None
+    online_teacher = load_online_teacher(spec, device)
     shard = ray.train.get_dataset_shard("train")
     val_blocks = load_val_blocks(spec) if rank == 0 else None
     logger = MlflowWorkerLogger(spec) if rank == 0 else None
@@ -214,8 +217,11 @@ def train_loop_per_worker(config: dict) -> None:
             if i < state["batch_in_epoch"]:
                 continue  # resuming mid-epoch: skip what was already trained on
             try:
-                metrics = train_step(model, loss_fn, optimizer, scheduler,
-                                     batch_to_tensors(batch, device, k), spec.optim.grad_clip, world)
+                tensors = batch_to_tensors(batch, device, k)
+                if online_teacher is not None:
+                    tensors = with_online_labels(online_teacher, tensors, spec.vocab_size)
+                metrics = train_step(model, loss_fn, optimizer, scheduler, tensors,
+                                     spec.optim.grad_clip, world)
             except FloatingPointError as exc:
                 raise FloatingPointError(
                     f"{spec.role} training diverged at step {state['step'] + 1}: {exc}; "
@@ -248,6 +254,28 @@ def train_loop_per_worker(config: dict) -> None:
         final["val_loss"] = eval_step(model, val_blocks, per_worker, device)
         logger.log({"final_val_loss": final["val_loss"], "step": state["step"]})
     report_checkpoint(spec, model, optimizer, scheduler, state, final, rank, final=True)
+
+
+def load_online_teacher(spec: TrainSpec, device: torch.device):
+    """The frozen teacher for online distillation, or None for offline/supervised runs."""
+    if not spec.teacher_dir or spec.loss is None:
+        return None
+    from distill.models import load_causal_lm
+
+    teacher = load_causal_lm(spec.teacher_dir).to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+@torch.no_grad()
+def with_online_labels(teacher, tensors: tuple, vocab: int) -> tuple:
+    """Add the teacher's full logits [N, V] for the batch (padding rows beyond ``vocab`` cut)."""
+    from distill.losses import DenseTeacher
+
+    inputs, targets, _ = tensors
+    logits = teacher(input_ids=inputs).logits[..., :vocab]
+    return inputs, targets, DenseTeacher(logits.flatten(0, 1))
 
 
 def broadcast_parameters(model) -> None:
@@ -336,6 +364,7 @@ def save_training_state(d: Path, model, optimizer, scheduler, state: dict) -> No
                 "position": {k: state[k] for k in ("step", "epoch", "batch_in_epoch")}},
                d / "state.pt")
     (d / "history.json").write_text(json.dumps(state["history"]))
+    (d / "resumes.json").write_text(json.dumps(state["resumed_from"]))
 
 
 def load_training_state(d: Path, model, optimizer, scheduler, rank: int) -> dict:
@@ -348,9 +377,11 @@ def load_training_state(d: Path, model, optimizer, scheduler, rank: int) -> dict
     np.random.set_state(blob["rng"]["numpy"])
     random.setstate(blob["rng"]["python"])
     history = json.loads((d / "history.json").read_text())
+    step = blob["position"]["step"]
+    resumed = json.loads((d / "resumes.json").read_text()) + [step]
     if rank == 0:
-        print(f"resumed from checkpoint at step {blob['position']['step']}", flush=True)
-    return {**blob["position"], "history": history, "last_checkpoint_step": blob["position"]["step"]}
+        print(f"resumed from checkpoint at step {step}", flush=True)
+    return {**blob["position"], "history": history, "last_checkpoint_step": step, "resumed_from": resumed}
 
 
 def save_hf_model(spec: TrainSpec, model, out: Path) -> None:
@@ -406,13 +437,15 @@ def run_training(spec: TrainSpec, out_dir: Path) -> TrainResult:
         if not hf_dir.is_dir():
             raise RuntimeError(f"{spec.role}: the final checkpoint {result.checkpoint.path} has no model")
         history = json.loads((Path(d) / "history.json").read_text())
+        resumed_from = json.loads((Path(d) / "resumes.json").read_text())
         tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(hf_dir, tmp)
     from distill.io import replace_dir
 
     replace_dir(tmp, out_dir)
-    return TrainResult(model_dir=out_dir, history=history, final=dict(result.metrics or {}))
+    return TrainResult(model_dir=out_dir, history=history, final=dict(result.metrics or {}),
+                       resumed_from=resumed_from)
 
 
 def spec_from_config(cfg, role: str, model: ModelConfig, optim: OptimConfig,

@@ -27,7 +27,9 @@ def run(cfg: Config, out: Path = LABELS) -> dict:
     decision = read_json(DECISION)
     out.mkdir(parents=True, exist_ok=True)
     if decision["decision"] != "distill":
-        return write_skipped(out, decision)
+        return write_skipped(out, f"gate decided {decision['decision']!r}: {decision.get('reason', '')}")
+    if cfg.distill.source == "online":
+        return write_skipped(out, "distill.source = online: the teacher runs inside training")
     teacher = read_json(TEACHER_JSON)
     manifest = read_json(PREPARED / "manifest.json")
     settings = LabelSettings(teacher_fingerprint=teacher["fingerprint"],
@@ -50,10 +52,9 @@ def run(cfg: Config, out: Path = LABELS) -> dict:
     return result
 
 
-def write_skipped(out: Path, decision: dict) -> dict:
+def write_skipped(out: Path, reason: str) -> dict:
     """The explicit manifest of a run that needs no labels; old label files stay as cache."""
-    result = {"status": "skipped", "reason": f"gate decided {decision['decision']!r}: "
-                                             f"{decision.get('reason', '')}"}
+    result = {"status": "skipped", "reason": reason}
     write_json(out / "manifest.json", result)
     print(f"label stage skipped: {result['reason']}")
     return result

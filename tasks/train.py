@@ -28,20 +28,27 @@ def run(cfg: Config, out: Path = STUDENT_DIR) -> dict:
     decision = read_json(DECISION)
     manifest = read_json(PREPARED / "manifest.json")
     mode = decision["decision"]
-    if mode == "distill":
-        data_paths, label_meta = distillation_inputs(cfg, manifest)
-        loss = cfg.distill
+    extra: dict = {}
+    if mode == "distill" and cfg.distill.source == "offline":
+        data_paths, extra["label_meta"] = offline_inputs(cfg, manifest)
     else:
-        data_paths, label_meta, loss = shard_paths(PREPARED / "train"), {}, None
+        data_paths = shard_paths(PREPARED / "train")
+    if mode == "distill" and cfg.distill.source == "online":
+        check_same_vocabulary(manifest)
+        extra["teacher_dir"] = str(TEACHER_DIR.resolve())
+    loss = cfg.distill if mode == "distill" else None
     spec = spec_from_config(cfg, "student", cfg.student, cfg.train, loss, data_paths,
                             shard_paths(PREPARED / "val"), PREPARED, manifest, RUNS,
-                            label_meta=label_meta, **mlflow_target(cfg))
+                            **extra, **mlflow_target(cfg))
+    if mode == "distill":
+        mode = f"distill ({cfg.distill.source})"
     print(f"training the student ({mode}) for {cfg.train.steps} steps on "
           f"{cfg.train.num_workers} Ray Train worker(s)")
     init_ray(cfg.ray)
     started = time.perf_counter()
     result = run_training(spec, out)
     report = {"mode": mode, "steps": cfg.train.steps, "run_name": spec.run_name(),
+              "resumed_from": result.resumed_from,
               "tokens": tokens_per_run(cfg.train, manifest["block_size"], cfg.train.num_workers),
               "val_loss": result.final.get("val_loss"), "seconds": time.perf_counter() - started,
               "history": result.history}
@@ -59,17 +66,23 @@ def run(cfg: Config, out: Path = STUDENT_DIR) -> dict:
     return report
 
 
-def distillation_inputs(cfg: Config, manifest: dict) -> tuple[list[Path], dict]:
-    """Label shards checked against this run's settings, and the label metadata workers need."""
-    labels = read_json(LABELS / "manifest.json")
-    if labels.get("status") != "complete":
-        raise ValueError(f"{LABELS / 'manifest.json'}: labels are {labels.get('status')!r}, but the "
-                         f"decision is distill; re-run the label stage")
+def check_same_vocabulary(manifest: dict) -> dict:
+    """Logit distillation needs the teacher's vocabulary to be the student's; returns teacher.json."""
     teacher = read_json(TEACHER_JSON)
     if teacher["tokenizer_hash"] != manifest["tokenizer"]["hash"]:
         check_vocab_compatible(load_tokenizer(TEACHER_DIR).get_vocab(),
                                load_tokenizer(PREPARED / "tokenizer").get_vocab(),
                                str(TEACHER_DIR), "student (prepared data tokenizer)")
+    return teacher
+
+
+def offline_inputs(cfg: Config, manifest: dict) -> tuple[list[Path], dict]:
+    """Label shards checked against this run's settings, and the label metadata workers need."""
+    labels = read_json(LABELS / "manifest.json")
+    if labels.get("status") != "complete":
+        raise ValueError(f"{LABELS / 'manifest.json'}: labels are {labels.get('status')!r}, but the "
+                         f"decision is distill (offline); re-run the label stage")
+    teacher = check_same_vocabulary(manifest)
     expected = LabelSettings(teacher_fingerprint=teacher["fingerprint"],
                              tokenizer_hash=manifest["tokenizer"]["hash"],
                              k=min(cfg.distill.top_k, manifest["tokenizer"]["vocab_size"]),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -44,7 +45,7 @@ def run(cmd: list[str], cwd: Path, check: bool = True, **kw) -> subprocess.Compl
 def shared_ray(tmp_path_factory):
     """One local Ray head for the whole session; stages join it through RAY_ADDRESS."""
     temp = tmp_path_factory.mktemp("ray")
-    port = "6391"
+    port = str(free_port())
     # A loopback-only head for the tests: no token auth, so stage subprocesses just join.
     os.environ["RAY_AUTH_MODE"] = "disabled"
     run([str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2",
@@ -54,6 +55,13 @@ def shared_ray(tmp_path_factory):
     yield os.environ["RAY_ADDRESS"]
     os.environ.pop("RAY_ADDRESS", None)
     run([str(BIN / "ray"), "stop", "--force"], cwd=temp, check=False)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (so a second test session never collides)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def make_project(path: Path, params: dict | None = None) -> Path:

@@ -138,3 +138,20 @@ def test_sparse_buckets_are_distributions():
 def test_unknown_divergence_is_an_error():
     with pytest.raises(ValueError, match="allowed: forward_kl, reverse_kl, jsd"):
         divergence(torch.zeros(1, 2), torch.zeros(1, 2), "tv")
+
+
+def test_non_finite_loss_stops_the_step_without_updating():
+    from distill.config import ModelConfig, OptimConfig
+    from distill.models import build_llama
+    from distill.training import make_optimizer, train_step
+
+    model = build_llama(ModelConfig(layers=1, d_model=16, heads=2), 50, 16, seed=0)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[3] = float("nan")
+    before = [p.detach().clone() for p in model.parameters()]
+    opt, sched = make_optimizer(model, OptimConfig(steps=10, warmup_steps=1))
+    ids = torch.full((2, 8), 3)
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        train_step(model, DistillationLoss(alpha=0.0), opt, sched, (ids[:, :-1], ids[:, 1:], None), 1.0, 1)
+    for a, b in zip(before, model.parameters()):
+        assert torch.equal(a, b) or (a.isnan() == b.isnan()).all()

@@ -1,0 +1,312 @@
+"""vLLM teacher: prompt log-probs (teacher forcing) → the HF backend's top-k soft labels.
+
+Each block of T tokens is sent whole as a prompt (token ids, no text) with
+``SamplingParams(max_tokens=1, prompt_logprobs=K)``. vLLM answers with
+``RequestOutput.prompt_logprobs``: a sequence of T entries, entry 0 ``None`` (nothing
+predicts the first token), entry j ≥ 1 the distribution of prompt token j given tokens
+0..j-1 as ``{token_id: Logprob(logprob, rank, decoded_token)}`` holding the top K and the
+actual token j (K entries when it is among them, K+1 when not). Entries 1..T-1 are
+exactly the HF backend's positions p = 0..T-2 (``logits[:, :-1]`` against ``ids[:, 1:]``),
+so P = T-1 labeled positions per block.
+
+Conventions (read from vLLM's source: ``vllm/logprobs.py``, ``vllm/v1/engine/logprobs.py``,
+``vllm/v1/worker/gpu/sample/prompt_logprob.py``, ``vllm/config/model.py``):
+
+* **Temperature**: prompt log-probs are always the raw (τ = 1) log-softmax. ``logprobs_mode``
+  only chooses log-probs vs logits, and for prompt positions ``processed_*`` equals
+  ``raw_*`` (prompt tokens never pass through the sampler's processors). A top-k of
+  ``log_softmax(logits/τ)`` cannot be rebuilt from the τ = 1 top-k alone, so τ ≠ 1 is
+  refused (:func:`check_settings`).
+* **Rest mass**: ``rest = log(1 - Σ_topk p)``, computed in float64 from vLLM's float32
+  log-probs with a stable log(1 - e^x). Those log-probs fix the rest *mass* only to about
+  1e-7 absolute, so where the mass is that small its log is imprecise (-17 may come out as
+  -20; the loss feels it at the 1e-7 scale only). When the actual token lies outside the
+  top k, its probability is a sure lower bound of the rest mass and is used if rounding made
+  the difference smaller. ``-inf`` only where the computed remaining mass is exactly 0: when
+  K ≥ ``vocab_size`` (nothing outside, as in :func:`distill.losses.topk_labels`) or when the
+  kept mass rounds to 1 (the loss clamps it to ``LOG_FLOOR``). No other floor is applied.
+* **Vocabulary**: vLLM's softmax runs over all of the model's embedding rows, padding rows
+  beyond the tokenizer's ``vocab_size`` included (the HF backend drops them before the
+  softmax). A padding id in a top k is refused, naming it; their (normally negligible)
+  mass otherwise sits in the rest bucket.
+* **Count**: vLLM returns exactly K entries per position once ``max_logprobs`` ≥ K; fewer
+  (or more than K+1) is an error, never padded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def check_settings(temperature: float, k: int, vocab_size: int, dtype: str = "bfloat16",
+                   tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.85) -> None:
+    """Refuse settings the vLLM backend cannot label with, naming the fix (no vllm needed)."""
+    if temperature != 1.0:
+        raise ValueError(
+            f"distill.temperature = {temperature}: the vLLM label backend only gives prompt "
+            f"log-probs at temperature 1 (vLLM's logprobs_mode does not apply temperature to "
+            f"prompt positions), and top-k labels at τ ≠ 1 cannot be rebuilt from the τ = 1 "
+            f"top-k. Fix: set label.backend: hf (applies τ before the top-k), or "
+            f"distill.temperature: 1.0.")
+    if not 1 <= k <= vocab_size:
+        raise ValueError(f"distill.top_k = {k}: must lie in 1..vocab_size ({vocab_size})")
+    if dtype not in DTYPES:
+        raise ValueError(f"label.dtype = {dtype!r}: the vLLM backend takes one of {DTYPES}")
+    if tensor_parallel_size < 1:
+        raise ValueError(f"tensor_parallel_size = {tensor_parallel_size}: must be ≥ 1")
+    if not 0.0 < gpu_memory_utilization <= 1.0:
+        raise ValueError(f"gpu_memory_utilization = {gpu_memory_utilization}: must lie in (0, 1]")
+
+
+def engine_kwargs(model_dir: str, k: int, dtype: str = "bfloat16", trust_remote_code: bool = False,
+                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.85,
+                  max_model_len: int | None = None, skip_tokenizer_init: bool = True,
+                  enforce_eager: bool = False) -> dict[str, Any]:
+    """Arguments of ``vllm.LLM`` for labeling with top-``k`` prompt log-probs."""
+    kwargs = {
+        "model": str(model_dir), "dtype": dtype, "trust_remote_code": trust_remote_code,
+        "tensor_parallel_size": tensor_parallel_size,
+        "gpu_memory_utilization": gpu_memory_utilization,
+        # the request asks for k; +1 leaves room for the actual token in any version that
+        # counts it against the cap
+        "max_logprobs": k + 1,
+        # stale prompt log-probs were reported with prefix caching on; each block is new anyway
+        "enable_prefix_caching": False,
+        # we send token ids and need no text back
+        "skip_tokenizer_init": skip_tokenizer_init,
+        "enforce_eager": enforce_eager, "seed": 0,
+    }
+    if max_model_len is not None:
+        kwargs["max_model_len"] = max_model_len
+    return kwargs
+
+
+def sampling_kwargs(k: int, flat_logprobs: bool = False) -> dict[str, Any]:
+    """Arguments of ``vllm.SamplingParams``: one greedy token, top-``k`` prompt log-probs."""
+    kwargs = {"max_tokens": 1, "temperature": 0.0, "prompt_logprobs": k, "detokenize": False}
+    if flat_logprobs:
+        kwargs["flat_logprobs"] = True  # FlatLogprobs: a few flat lists, no per-entry objects
+    return kwargs
+
+
+def prompt_logprobs_to_arrays(prompt_logprobs: Any, prompt_ids: Sequence[int], k: int,
+                              vocab_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """One request's ``prompt_logprobs`` (T entries) → the labels of its P = T-1 positions.
+
+    ``prompt_logprobs`` is vLLM's list (entry 0 ``None``, entry j a dict token id → Logprob
+    with ``.logprob`` and ``.rank``, top ``k`` plus the actual token ``prompt_ids[j]``) or
+    vLLM's ``FlatLogprobs`` (same content as flat lists). Returns ``ids`` [P, K] int32 and
+    ``logprobs`` [P, K] float32, sorted by descending log-prob, ``rest`` [P] float32 (log
+    of the mass outside the top k) and the mean NLL of the actual tokens.
+    """
+    ids = np.asarray(prompt_ids, dtype=np.int64).reshape(-1)
+    if ids.size < 2:
+        raise ValueError(f"a block of {ids.size} token(s) has no position to label (needs ≥ 2)")
+    if len(prompt_logprobs) != ids.size:
+        raise ValueError(f"prompt_logprobs has {len(prompt_logprobs)} entries for a prompt of "
+                         f"{ids.size} tokens")
+    if hasattr(prompt_logprobs, "start_indices"):
+        top_ids, top_lp, actual_lp = _flat_topk(prompt_logprobs, ids, k)
+    else:
+        top_ids, top_lp, actual_lp = _dict_topk(prompt_logprobs, ids, k)
+    _check_ids(top_ids, ids, vocab_size)
+    order = np.argsort(-top_lp, axis=1, kind="stable")
+    top_ids = np.take_along_axis(top_ids, order, axis=1)
+    top_lp = np.take_along_axis(top_lp, order, axis=1)
+    outside = ~(top_ids == ids[1:, None]).any(axis=1)
+    rest = rest_logmass(top_lp, np.where(outside, actual_lp, -np.inf), k >= vocab_size)
+    return (top_ids.astype(np.int32), top_lp.astype(np.float32), rest.astype(np.float32),
+            float(-actual_lp.mean()))
+
+
+def _dict_topk(prompt_logprobs: Sequence[Mapping | None], ids: np.ndarray, k: int):
+    """List-of-dicts form → top ids [P, K], their log-probs [P, K], actual log-probs [P]."""
+    p = ids.size - 1
+    top_ids = np.empty((p, k), np.int64)
+    top_lp = np.empty((p, k), np.float64)
+    actual_lp = np.empty(p, np.float64)
+    for j in range(1, ids.size):
+        kept, actual_lp[j - 1] = _position_topk(prompt_logprobs[j], int(ids[j]), k, j)
+        top_ids[j - 1] = [t for t, _ in kept]
+        top_lp[j - 1] = [lp for _, lp in kept]
+    return top_ids, top_lp, actual_lp
+
+
+def _position_topk(entries: Mapping | None, actual: int, k: int, j: int):
+    """The k kept (id, log-prob) pairs of one position and the actual token's log-prob.
+
+    vLLM marks the top k with ranks 1..k; the actual token, added when outside them, has a
+    rank above k (its true rank, or k+1 in older versions).
+    """
+    if not entries:
+        raise ValueError(f"prompt position {j}: no log-probs (only position 0 may be empty)")
+    if actual not in entries:
+        raise ValueError(f"prompt position {j}: the actual token {actual} is missing from the "
+                         f"log-probs (vLLM includes it at every prompt position)")
+    if len(entries) == k + 1:
+        ranks = [(t, lp.rank) for t, lp in entries.items()]
+        extra = ([actual] if all(r is None for _, r in ranks)  # no ranks: vLLM adds the actual
+                 else [t for t, r in ranks if r is not None and r > k])
+        if extra != [actual]:
+            raise ValueError(f"prompt position {j}: expected the one entry beyond the top {k} to "
+                             f"be the actual token {actual}, found {extra}")
+    elif len(entries) != k:
+        raise ValueError(f"prompt position {j}: {len(entries)} log-probs where {k} (or {k + 1} "
+                         f"with the actual token) were expected; the engine returns exactly k "
+                         f"once LLM(max_logprobs=...) ≥ k")
+    kept = [(t, lp.logprob) for t, lp in entries.items() if len(entries) == k or t != actual]
+    return kept, entries[actual].logprob
+
+
+def _flat_topk(flat: Any, ids: np.ndarray, k: int):
+    """``FlatLogprobs`` form: each position j ≥ 1 holds [actual, top 1..k] in that order."""
+    starts = np.asarray(flat.start_indices[1:], np.int64)
+    widths = np.asarray(flat.end_indices[1:], np.int64) - starts
+    short = np.flatnonzero(widths != k + 1)
+    if short.size:
+        j = int(short[0]) + 1
+        raise ValueError(f"prompt position {j}: {widths[j - 1]} flat log-probs where {k + 1} "
+                         f"(the actual token, then the top {k}) were expected; the engine "
+                         f"returns exactly k once LLM(max_logprobs=...) ≥ k")
+    at = starts[:, None] + np.arange(k + 1)  # [P, K+1] indices into the flat lists
+    tok = np.asarray(flat.token_ids, np.int64)[at]
+    lps = np.asarray(flat.logprobs, np.float64)[at]
+    wrong = np.flatnonzero(tok[:, 0] != ids[1:])
+    if wrong.size:
+        j = int(wrong[0]) + 1
+        raise ValueError(f"prompt position {j}: flat log-probs start with token {tok[j - 1, 0]}, "
+                         f"not the actual token {ids[j]}")
+    return tok[:, 1:], lps[:, 1:], lps[:, 0]
+
+
+def _check_ids(top_ids: np.ndarray, ids: np.ndarray, vocab_size: int) -> None:
+    """Labels must stay inside the tokenizer's vocabulary (padding rows are no tokens)."""
+    if (ids >= vocab_size).any() or (ids < 0).any():
+        bad = int(ids[(ids >= vocab_size) | (ids < 0)][0])
+        raise ValueError(f"input token id {bad} lies outside the vocabulary of {vocab_size}")
+    bad_rows, bad_cols = np.nonzero((top_ids >= vocab_size) | (top_ids < 0))
+    if bad_rows.size:
+        bad = int(top_ids[bad_rows[0], bad_cols[0]])
+        raise ValueError(
+            f"teacher top-k holds token id {bad} (prompt position {int(bad_rows[0]) + 1}), outside "
+            f"the tokenizer's vocabulary of {vocab_size}: a padding row of the teacher's embedding "
+            f"got probability. The HF backend (label.backend: hf) drops padding rows before the "
+            f"softmax; vLLM cannot.")
+
+
+def rest_logmass(top_lp: np.ndarray, lower_bound: np.ndarray, nothing_outside: bool) -> np.ndarray:
+    """``log(1 - Σ exp(top_lp))`` per row [P], at least ``lower_bound`` [P]; -inf if exactly 0."""
+    if nothing_outside:
+        return np.full(top_lp.shape[0], -np.inf)
+    kept = _logsumexp(top_lp.astype(np.float64))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # log(1 - e^x) for x ≤ 0: log1p(-e^x) is accurate far from 0, log(-expm1(x)) near it
+        rest = np.where(kept < -np.log(2.0), np.log1p(-np.exp(kept)),
+                        np.log(np.maximum(-np.expm1(np.minimum(kept, 0.0)), 0.0)))
+    return np.maximum(rest, lower_bound)
+
+
+def _logsumexp(x: np.ndarray) -> np.ndarray:
+    top = x.max(axis=1, keepdims=True)
+    return (top + np.log(np.exp(x - top).sum(axis=1, keepdims=True)))[:, 0]
+
+
+def stack_blocks(input_ids: Any, block_ids: Sequence, max_len: int | None = None) -> np.ndarray:
+    """The batch's blocks as int32 [B, T]; a block that cannot be labeled raises naming it.
+
+    (Per-example errors abort the batch for now; an error table that keeps the good
+    blocks of a batch is future work.)
+    """
+    rows = [np.asarray(r).reshape(-1) for r in input_ids]
+    for row, block in zip(rows, block_ids):
+        if row.size < 2:
+            raise ValueError(f"block {block}: {row.size} token(s), nothing to label (needs ≥ 2)")
+        if max_len is not None and row.size > max_len:
+            raise ValueError(f"block {block}: {row.size} tokens exceed the vLLM engine's "
+                             f"max_model_len of {max_len}; raise max_model_len or shorten blocks")
+    lengths = {row.size for row in rows}
+    if len(lengths) > 1:
+        raise ValueError(f"blocks {list(block_ids)} have different lengths {sorted(lengths)}; "
+                         f"a batch must hold blocks of one length")
+    return np.stack(rows).astype(np.int32)
+
+
+def assemble_labels(batch: dict[str, np.ndarray], ids: np.ndarray, prompt_logprobs: Sequence,
+                    k: int, vocab_size: int) -> dict[str, np.ndarray]:
+    """Per-request prompt log-probs → the HF backend's output columns (:class:`VLLMLabeler`)."""
+    parts = []
+    for row, plp, block in zip(ids, prompt_logprobs, batch["block_id"]):
+        if plp is None:
+            raise ValueError(f"block {block}: vLLM returned no prompt_logprobs")
+        try:
+            parts.append(prompt_logprobs_to_arrays(plp, row, k, vocab_size))
+        except ValueError as err:
+            raise ValueError(f"block {block}: {err}") from err
+    b, p = ids.shape[0], ids.shape[1] - 1
+    out = dict(batch)
+    out.update(
+        input_ids=ids.astype(np.int32),
+        topk_ids=np.stack([x[0] for x in parts]).reshape(b, p * k).astype(np.int32),
+        topk_logprobs=np.stack([x[1] for x in parts]).reshape(b, p * k).astype(np.float16),
+        rest_logprob=np.stack([x[2] for x in parts]).reshape(b, p).astype(np.float16),
+        teacher_nll=np.array([x[3] for x in parts], np.float32),
+    )
+    return out
+
+
+class VLLMLabeler:
+    """Callable class for Ray Data ``map_batches``: one vLLM engine per actor (GPU only).
+
+    Same contract as :class:`distill.teachers.hf.HFLabeler`. Input batch: ``block_id`` [B],
+    ``input_ids`` [B, T] (2-D or an object array of arrays). Output adds ``topk_ids`` int32
+    and ``topk_logprobs`` float16 [B, (T-1)·K], ``rest_logprob`` float16 [B, T-1],
+    ``teacher_nll`` float32 [B], and returns ``input_ids`` as int32 [B, T].
+
+    ``max_model_len`` defaults to the model's own (a block may be as long as it);
+    ``tensor_parallel_size`` > 1 makes vLLM start its own workers, so the Ray actor must then
+    be given that many GPUs (``label.gpus_per_actor``).
+    """
+
+    def __init__(self, model_dir: str, k: int, temperature: float, vocab_size: int,
+                 dtype: str = "bfloat16", trust_remote_code: bool = False,
+                 tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.85,
+                 max_model_len: int | None = None, skip_tokenizer_init: bool = True,
+                 enforce_eager: bool = False):
+        check_settings(temperature, k, vocab_size, dtype, tensor_parallel_size,
+                       gpu_memory_utilization)
+        from vllm import LLM, SamplingParams  # GPU-only extra: imported here, never at import
+
+        llm = LLM(**engine_kwargs(model_dir, k, dtype, trust_remote_code, tensor_parallel_size,
+                                  gpu_memory_utilization, max_model_len, skip_tokenizer_init,
+                                  enforce_eager))
+        flat = "flat_logprobs" in getattr(SamplingParams, "__struct_fields__", ())
+        params = SamplingParams(**sampling_kwargs(k, flat_logprobs=flat))
+        self._attach(llm, params, k, vocab_size, llm.llm_engine.model_config.max_model_len)
+
+    @classmethod
+    def from_engine(cls, llm: Any, params: Any, k: int, vocab_size: int,
+                    max_model_len: int | None = None) -> "VLLMLabeler":
+        """A labeler around an engine already built (reuse across calls, tests)."""
+        labeler = cls.__new__(cls)
+        labeler._attach(llm, params, k, vocab_size, max_model_len)
+        return labeler
+
+    def _attach(self, llm: Any, params: Any, k: int, vocab_size: int,
+                max_len: int | None) -> None:
+        self.llm, self.params, self.k = llm, params, k
+        self.vocab, self.max_len = vocab_size, max_len
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids = stack_blocks(batch["input_ids"], batch["block_id"], self.max_len)
+        prompts = [{"prompt_token_ids": row.tolist()} for row in ids]
+        outputs = self.llm.generate(prompts, self.params, use_tqdm=False)  # in prompt order
+        for out, row, block in zip(outputs, ids, batch["block_id"]):
+            if list(out.prompt_token_ids) != row.tolist():
+                raise RuntimeError(f"block {block}: vLLM answered for another prompt")
+        plps = [o.prompt_logprobs for o in outputs]
+        return assemble_labels(batch, ids, plps, self.k, self.vocab)

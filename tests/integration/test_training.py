@@ -1,0 +1,95 @@
+"""Ray Train fault tolerance and online distillation, on the session's shared Ray."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from distill.blocks import write_block_shards
+from distill.config import DistillConfig, ModelConfig, OptimConfig
+from distill.models import build_llama
+from distill.raylocal import init_ray
+from distill.config import RayConfig
+from distill.tokenizer import train_bpe
+from distill.training import TrainSpec, run_training
+
+pytestmark = pytest.mark.integration
+
+VOCAB, BLOCK = 300, 64
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, shared_ray):
+    """Synthetic token blocks with structure (a noisy counter), a tokenizer, and Ray joined."""
+    root = tmp_path_factory.mktemp("train-data")
+    train_bpe([f"line {i} of some text {i % 13}" for i in range(400)], VOCAB, root / "tokenizer")
+    rng = np.random.default_rng(0)
+    start = rng.integers(0, VOCAB - 1, (640, 1))
+    blocks = ((start + np.arange(BLOCK)) % (VOCAB - 2)).astype(np.int32)
+    blocks[rng.random(blocks.shape) < 0.1] = 7  # some noise
+    write_block_shards(blocks[:576], root / "train", 192)
+    write_block_shards(blocks[576:], root / "val", 64)
+    init_ray(RayConfig())
+    return root
+
+
+def spec(data: Path, storage: Path, **kw) -> TrainSpec:
+    base = dict(
+        role="student", model=ModelConfig(layers=2, d_model=64, heads=4),
+        optim=OptimConfig(steps=60, batch_size=16, lr=3e-3, warmup_steps=5, eval_every=30),
+        loss=None, data_paths=[str(p) for p in sorted((data / "train").glob("*.parquet"))],
+        val_paths=[str(p) for p in sorted((data / "val").glob("*.parquet"))],
+        tokenizer_dir=str(data / "tokenizer"), vocab_size=VOCAB, block_size=BLOCK, eos_id=0, pad_id=1,
+        storage_path=str(storage), checkpoint_every=10, max_failures=2, eval_blocks=64, log_every=5)
+    base.update(kw)
+    return TrainSpec(**base)
+
+
+def checkpoint_registered(run_dir: Path) -> bool:
+    """Ray Train has registered a checkpoint (its manager snapshot names one), not just written it."""
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    return snapshot.is_file() and "checkpoint_" in snapshot.read_text()
+
+
+def kill_worker_after_first_checkpoint(run_dir: Path, killed: list) -> None:
+    """Wait for the first registered checkpoint, then SIGKILL the Ray Train worker process."""
+    deadline = time.time() + 300
+    while time.time() < deadline and not checkpoint_registered(run_dir):
+        time.sleep(0.05)
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if any("RayTrainWorker" in part for part in (proc.info["cmdline"] or [])):
+            proc.kill()
+            killed.append(proc.info["pid"])
+
+
+def test_killed_worker_resumes_from_checkpoint(data, tmp_path):
+    clean = run_training(spec(data, tmp_path / "clean"), tmp_path / "clean-model")
+    assert clean.resumed_from == []
+    faulty_spec = spec(data, tmp_path / "faulty")
+    killed: list = []
+    killer = threading.Thread(target=kill_worker_after_first_checkpoint,
+                              args=(tmp_path / "faulty" / faulty_spec.run_name(), killed))
+    killer.start()
+    faulty = run_training(faulty_spec, tmp_path / "faulty-model")
+    killer.join()
+    assert killed, "no Ray Train worker process was found to kill"
+    assert faulty.resumed_from and faulty.resumed_from[0] >= 10  # from a checkpoint, not step 0
+    assert (tmp_path / "faulty-model" / "model.safetensors").is_file()
+    assert faulty.final["val_loss"] == pytest.approx(clean.final["val_loss"], abs=0.05)
+
+
+def test_online_distillation_trains_from_full_teacher_logits(data, tmp_path):
+    teacher_dir = tmp_path / "teacher"
+    build_llama(ModelConfig(layers=2, d_model=64, heads=4), VOCAB, BLOCK, seed=3).save_pretrained(teacher_dir)
+    result = run_training(spec(data, tmp_path / "runs", loss=DistillConfig(alpha=1.0),
+                               teacher_dir=str(teacher_dir),
+                               optim=OptimConfig(steps=20, batch_size=16, lr=3e-3, warmup_steps=2,
+                                                 eval_every=10)), tmp_path / "student")
+    kd = [h["kd"] for h in result.history if "kd" in h]
+    assert kd and all(v > 0 for v in kd)  # the KD term was really computed from the teacher
+    assert kd[-1] < kd[0]
