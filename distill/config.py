@@ -302,3 +302,7 @@ def _check_cross_field(cfg: Config, source: str) -> None:
                               f"smaller than {section}.steps ({opt.steps})")
     if cfg.label.backend == "vllm" and cfg.label.gpus_per_actor <= 0:
         raise ConfigError(f"{source}: label.backend = vllm needs label.gpus_per_actor > 0")
+    if cfg.label.backend == "vllm" and cfg.distill.temperature != 1.0:
+        # vLLM's prompt log-probs are raw (τ = 1); top-k alone cannot be re-tempered exactly.
+        raise ConfigError(f"{source}: label.backend = vllm needs distill.temperature = 1.0 "
+                          f"(got {cfg.distill.temperature}); use label.backend: hf for τ ≠ 1")

@@ -91,11 +91,27 @@ def _kl(p_logp: torch.Tensor, q_logp: torch.Tensor) -> torch.Tensor:
     return torch.where(p > 0, p * (p_logp - q_logp), torch.zeros_like(p)).sum(-1)
 
 
-def sparse_buckets(student_logp: torch.Tensor, teacher: SparseTeacher) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both sides as [N, K+1] log-distributions over the kept tokens plus the rest bucket."""
-    kept = student_logp.gather(-1, teacher.ids)
-    rest = torch.logsumexp(student_logp.scatter(-1, teacher.ids, float("-inf")), dim=-1)
-    student = torch.cat([kept, rest.clamp_min(LOG_FLOOR).unsqueeze(-1)], dim=-1)
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(x))`` for ``x ≤ 0``, stable at both ends (Mächler 2012).
+
+    ``x`` is capped just below 0 so that a kept mass of exactly 1 (k = V) gives a finite
+    ``log(1e-12)`` with a finite gradient instead of -inf/NaN.
+    """
+    x = x.clamp(max=-1e-12)
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def sparse_buckets(logits: torch.Tensor, lse: torch.Tensor, teacher: SparseTeacher,
+                   tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both sides as [N, K+1] log-distributions over the kept tokens plus the rest bucket.
+
+    ``lse`` [N] is ``logsumexp(logits / τ)``. Only K columns of the student's logits are
+    touched (a gather), never a full [N, V] log-softmax: this is what keeps an offline
+    sparse-KD step nearly as cheap as a cross-entropy step.
+    """
+    kept = logits.gather(-1, teacher.ids) / tau - lse.unsqueeze(-1)
+    rest = log1mexp(torch.logsumexp(kept, dim=-1)).clamp_min(LOG_FLOOR)
+    student = torch.cat([kept, rest.unsqueeze(-1)], dim=-1)
     t = torch.cat([teacher.logprobs.float(), teacher.rest.float().clamp_min(LOG_FLOOR).unsqueeze(-1)], -1)
     return t, student
 
@@ -133,27 +149,42 @@ class DistillationLoss(nn.Module):
     def _chunk_sums(self, hidden, head, targets, teacher) -> torch.Tensor:
         logits = (hidden @ head.T).float()  # [n, V], the only full-width float32 tensor
         valid = targets != self.ignore_index
-        ntp = F.cross_entropy(logits, targets, ignore_index=self.ignore_index, reduction="sum")
-        z = (torch.logsumexp(logits, dim=-1)[valid] ** 2).sum()
+        # One logsumexp serves cross-entropy, z-loss and (at τ = 1) the sparse KD.
+        lse = torch.logsumexp(logits, dim=-1)
+        target_logit = logits.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        ntp = ((lse - target_logit) * valid).sum()
+        z = (lse.square() * valid).sum()
         kd = logits.new_zeros(())
         if teacher is not None:
-            kd = (self.per_position_kd(logits, teacher) * valid).sum()
+            kd = (self.per_position_kd(logits, lse, teacher) * valid).sum()
         return torch.stack([ntp, kd, z])
 
-    def per_position_kd(self, logits: torch.Tensor, teacher) -> torch.Tensor:
+    def per_position_kd(self, logits: torch.Tensor, lse: torch.Tensor, teacher) -> torch.Tensor:
         """τ²·D(p_T^τ ‖ q_S^τ) per position, [n]; sparse labels already carry τ."""
-        student_logp = F.log_softmax(logits / self.tau, dim=-1)
         if isinstance(teacher, DenseTeacher):
+            student_logp = F.log_softmax(logits / self.tau, dim=-1)
             teacher_logp = F.log_softmax(teacher.logits.float() / self.tau, dim=-1)
         else:
-            teacher_logp, student_logp = sparse_buckets(student_logp, teacher)
+            lse_tau = lse if self.tau == 1.0 else torch.logsumexp(logits / self.tau, dim=-1)
+            teacher_logp, student_logp = sparse_buckets(logits, lse_tau, teacher, self.tau)
         return self.tau ** 2 * divergence(teacher_logp, student_logp, self.kind, self.beta)
 
 
-def topk_labels(logits: torch.Tensor, k: int, temperature: float) -> SparseTeacher:
-    """Teacher logits [N, V] → top-k log-probs at temperature τ plus the exact rest log-mass."""
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)
-    k = min(k, logp.shape[-1])
-    top, ids = logp.topk(k, dim=-1)
-    rest = torch.logsumexp(logp.scatter(-1, ids, float("-inf")), dim=-1)
-    return SparseTeacher(ids=ids, logprobs=top, rest=rest)
+def topk_labels(logits: torch.Tensor, k: int, temperature: float,
+                lse: torch.Tensor | None = None) -> SparseTeacher:
+    """Teacher logits [N, V] → top-k log-probs at temperature τ plus the rest log-mass.
+
+    The top-k is taken on the logits (same order as on log-probs), so no full [N, V]
+    log-softmax is materialised; the rest is ``log(1 - Σ kept)`` via ``log1mexp``.
+    ``lse`` [N], if given, is ``logsumexp(logits / τ)`` already computed by the caller.
+    """
+    scaled = logits.float() if temperature == 1.0 else logits.float() / temperature
+    k = min(k, scaled.shape[-1])
+    top, ids = scaled.topk(k, dim=-1)
+    lse = torch.logsumexp(scaled, dim=-1) if lse is None else lse
+    logprobs = top - lse.unsqueeze(-1)
+    if k == scaled.shape[-1]:  # nothing left outside: exactly zero mass, not float32 noise
+        rest = torch.full_like(lse, float("-inf"))
+    else:  # float32 fixes the rest *mass* to ~1e-7, plenty for the loss
+        rest = log1mexp(torch.logsumexp(logprobs, dim=-1))
+    return SparseTeacher(ids=ids, logprobs=logprobs, rest=rest)

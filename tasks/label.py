@@ -47,7 +47,7 @@ def run(cfg: Config, out: Path = LABELS) -> dict:
     result = summarise(out, shards, settings, labeled_now=len(pending))
     write_json(out / "manifest.json", result)  # the completion marker, written last
     log_to_mlflow(params={"label": {"k": settings.k, "temperature": settings.temperature,
-                                    "backend": resolve_backend(cfg.label.backend)}},
+                                    "backend": resolve_backend(cfg.label.backend, cfg.distill.temperature)}},
                   metrics={"label_" + k: v for k, v in result.items() if isinstance(v, (int, float))})
     return result
 
@@ -65,7 +65,7 @@ def label_shards(cfg: Config, pending: list[dict], settings: LabelSettings, mani
     """Run the teacher over the pending shards with a Ray Data actor pool; write each shard whole."""
     import ray.data
 
-    backend = resolve_backend(cfg.label.backend)
+    backend = resolve_backend(cfg.label.backend, cfg.distill.temperature)
     init_ray(cfg.ray)
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     paths = [str((PREPARED / "train" / s["file"]).resolve()) for s in pending]

@@ -31,9 +31,12 @@ class HFLabeler:
         ids = torch.from_numpy(np.stack(batch["input_ids"]).astype(np.int64)).to(self.device)
         logits = self.model(input_ids=ids[:, :-1]).logits[..., : self.vocab].float()
         b, p, v = logits.shape
-        labels = topk_labels(logits.reshape(b * p, v), self.k, self.temperature)
-        nll = torch.nn.functional.cross_entropy(logits.reshape(b * p, v), ids[:, 1:].reshape(-1),
-                                                reduction="none").view(b, p).mean(-1)
+        flat = logits.reshape(b * p, v)
+        lse = torch.logsumexp(flat, dim=-1)
+        labels = topk_labels(flat, self.k, self.temperature, lse if self.temperature == 1.0 else None)
+        # The teacher's loss on the real next token (τ = 1), for L_T without another pass.
+        target_logit = flat.gather(-1, ids[:, 1:].reshape(-1, 1)).squeeze(-1)
+        nll = (lse - target_logit).view(b, p).mean(-1)
         k = labels.ids.shape[-1]
         out = dict(batch)
         out.update(

@@ -36,6 +36,8 @@ def test_empty_params_give_defaults():
     ({"student": {"d_model": 30, "heads": 4}}, "student.d_model (30) must be divisible by student.heads (4)"),
     ({"train": {"steps": 10, "warmup_steps": 10}}, "train.warmup_steps (10) must be smaller"),
     ({"label": {"backend": "vllm"}}, "label.gpus_per_actor > 0"),
+    ({"label": {"backend": "vllm", "gpus_per_actor": 1}, "distill": {"temperature": 2.0}},
+     "label.backend = vllm needs distill.temperature = 1.0"),
     ({"data": 3}, "data must be a mapping"),
 ])
 def test_bad_values_name_the_key(raw, fragment):
