@@ -1,7 +1,7 @@
-"""The distillation loss ``L = (1-α)·L_NTP + α·τ²·D(p_T^τ ‖ q_S^τ) + λ_Z·L_Z``, chunked.
+"""The distillation loss ``L = (1-α)·L_NTP + α·τ²·D(p_T^τ ‖ q_S^τ) + λ_Z·L_Z``, fused, chunked.
 
 Shapes (N = positions, already flattened over batch and time; H = hidden; V = vocabulary;
-K = kept teacher tokens):
+K = kept teacher tokens; n = positions in one chunk):
 
 * ``hidden``: [N, H] student final hidden states (any float dtype);
 * ``head``: [V, H] the student's output projection;
@@ -9,12 +9,35 @@ K = kept teacher tokens):
 * teacher, one of: ``SparseTeacher`` (ids [N, K], log-probs [N, K], rest log-mass [N]) or
   ``DenseTeacher`` (logits [N, V]), or ``None`` for plain supervised training.
 
-The student logits are built from ``hidden`` one chunk of positions at a time, under
-activation checkpointing, so the full [N × V] matrix never exists in float32: peak extra
-memory is O(chunk × V), recomputed in the backward pass.
+``DistillationLoss`` works like Liger-Kernel's fused linear cross-entropy, in plain PyTorch:
+a custom autograd function walks the positions one chunk at a time, builds the chunk's
+[n, V] logits once, computes the loss parts *and* the analytic gradient of the total loss
+with respect to those logits, and turns that gradient straight into ``grad_hidden[chunk]``
+[n, H] and a running ``grad_head`` [V, H]. Only those two are kept for the backward pass,
+which merely scales them by the incoming gradient: no [N × V] student tensor exists, nothing
+is recomputed. Without autograd (``torch.no_grad`` or inputs that need no gradient) the
+gradient work is skipped. ``DistillationLoss.reference`` is the plain autograd version of
+the same loss (checkpointed chunks), kept as the ground truth for the tests.
 
 With sparse labels the K kept tokens plus one "rest" bucket (the mass outside them) form
 the distribution on both sides; with K = V (rest mass 0) this equals the dense loss.
+
+Gradients (per position; z = the chunk's logits row, p = softmax(z), q = softmax(z/τ),
+lse = logsumexp(z)):
+
+* cross-entropy: ∂/∂z = p − onehot(target); z-loss lse²: ∂/∂z = 2·lse·p;
+* any loss D(s) of the student's log-probs s = log_softmax(z/τ): with g = ∂D/∂s,
+  ∂D/∂z = (g − q·Σg) / τ (dense teacher: g is [n, V]);
+* sparse buckets: s_i = z_{id_i}/τ − lse_τ for the K kept ids and s_rest = log(1 − S) with
+  S = Σ_i e^{s_i}. As ∂s_rest/∂s_i = −e^{s_i}/(1 − S), the loss seen by the kept buckets is
+  a_i = g_i − e^{s_i}·g_rest/(1 − S), and ∂D/∂z = (scatter_add(ids, a) − q·Σa) / τ: one dense
+  term q·(per-row scalar) plus a [n, K] scatter. At τ = 1, q = p and all dense terms fold
+  into a single ``p · c`` with one coefficient c per row.
+
+Numerics: the student's rest mass 1 − S is held at ≥ 1e-12 (as ``log1mexp`` caps the
+reference's log kept mass at −1e-12) and passes no gradient when held; in float32, S carries
+the rounding of z − lse (~1e-7 relative to |lse|), so rest masses below ~1e-6 are noise on
+both paths, and as 1 − S → 0 the rest bucket's gradient grows like P_rest/(1 − S).
 """
 
 from __future__ import annotations
@@ -25,12 +48,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 # log(0) for an empty rest bucket becomes this floor: exp(-100) is 0 for every practical
 # purpose but keeps 0·log 0 terms and their gradients finite.
 LOG_FLOOR = -100.0
+# log1mexp caps its argument here, so a kept mass of (numerically) 1 gives a finite rest.
+_LOG_MASS_CAP = -1e-12
+# The same cap as a rest mass: 1 − e^{-1e-12} ≈ 1e-12 (the smallest student rest mass).
+_REST_MASS_MIN = -math.expm1(_LOG_MASS_CAP)
 
 
 @dataclass
@@ -57,7 +85,11 @@ class DenseTeacher:
 
 @dataclass
 class LossParts:
-    """The total loss and its parts, each a mean over unmasked positions."""
+    """The total loss and its parts, each a mean over unmasked positions.
+
+    From ``DistillationLoss.forward`` only ``total`` carries a gradient; ``ntp``, ``kd`` and
+    ``z`` are reported values (from ``DistillationLoss.reference`` all four do).
+    """
 
     total: torch.Tensor
     ntp: torch.Tensor
@@ -74,14 +106,24 @@ def divergence(teacher_logp: torch.Tensor, student_logp: torch.Tensor, kind: str
     m = β·p_T + (1-β)·q_S, JSD_β = β·KL(p_T ‖ m) + (1-β)·KL(q_S ‖ m); β = 0 and 1 fall back
     to forward and reverse KL as TRL does.
     """
-    if kind == "forward_kl" or (kind == "jsd" and beta == 0.0):
+    kind = _resolve_kind(kind, beta)
+    if kind == "forward_kl":
         return _kl(teacher_logp, student_logp)
-    if kind == "reverse_kl" or (kind == "jsd" and beta == 1.0):
+    if kind == "reverse_kl":
         return _kl(student_logp, teacher_logp)
+    mix = torch.logsumexp(torch.stack([teacher_logp + math.log(beta),
+                                       student_logp + math.log(1.0 - beta)]), dim=0)
+    return beta * _kl(teacher_logp, mix) + (1.0 - beta) * _kl(student_logp, mix)
+
+
+def _resolve_kind(kind: str, beta: float) -> str:
+    """``jsd`` with β = 0 / 1 is forward / reverse KL (as in TRL); unknown kinds raise."""
+    if kind == "forward_kl" or (kind == "jsd" and beta == 0.0):
+        return "forward_kl"
+    if kind == "reverse_kl" or (kind == "jsd" and beta == 1.0):
+        return "reverse_kl"
     if kind == "jsd":
-        mix = torch.logsumexp(torch.stack([teacher_logp + math.log(beta),
-                                           student_logp + math.log(1.0 - beta)]), dim=0)
-        return beta * _kl(teacher_logp, mix) + (1.0 - beta) * _kl(student_logp, mix)
+        return "jsd"
     raise ValueError(f"distill.divergence: unknown {kind!r} (allowed: forward_kl, reverse_kl, jsd)")
 
 
@@ -91,13 +133,38 @@ def _kl(p_logp: torch.Tensor, q_logp: torch.Tensor) -> torch.Tensor:
     return torch.where(p > 0, p * (p_logp - q_logp), torch.zeros_like(p)).sum(-1)
 
 
+def divergence_and_grad(teacher_logp: torch.Tensor, student_logp: torch.Tensor, kind: str,
+                        beta: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """``divergence`` [N] and its gradient ``g = ∂D/∂student_logp`` [N, B], no autograd.
+
+    With P = e^t (teacher), Q = e^s (student), M = βP + (1-β)Q, m = log M:
+    forward KL g = −P; reverse KL g = Q·(s − t + 1); JSD_β g = (1-β)·Q·(s − m) (the terms
+    through m cancel). Terms with zero mass contribute 0, as in ``_kl``.
+    """
+    kind = _resolve_kind(kind, beta)
+    t, s = teacher_logp, student_logp
+    if kind == "forward_kl":
+        p = t.exp()
+        return torch.where(p > 0, p * (t - s), 0.0).sum(-1), -p
+    q = s.exp()
+    if kind == "reverse_kl":
+        diff = s - t
+        return (torch.where(q > 0, q * diff, 0.0).sum(-1),
+                torch.where(q > 0, q * (diff + 1.0), 0.0))
+    mix = torch.logaddexp(t + math.log(beta), s + math.log(1.0 - beta))
+    p = t.exp()
+    q_term = torch.where(q > 0, q * (s - mix), 0.0)
+    value = beta * torch.where(p > 0, p * (t - mix), 0.0).sum(-1) + (1.0 - beta) * q_term.sum(-1)
+    return value, (1.0 - beta) * q_term
+
+
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
     """``log(1 - exp(x))`` for ``x ≤ 0``, stable at both ends (Mächler 2012).
 
     ``x`` is capped just below 0 so that a kept mass of exactly 1 (k = V) gives a finite
     ``log(1e-12)`` with a finite gradient instead of -inf/NaN.
     """
-    x = x.clamp(max=-1e-12)
+    x = x.clamp(max=_LOG_MASS_CAP)
     return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
@@ -106,14 +173,133 @@ def sparse_buckets(logits: torch.Tensor, lse: torch.Tensor, teacher: SparseTeach
     """Both sides as [N, K+1] log-distributions over the kept tokens plus the rest bucket.
 
     ``lse`` [N] is ``logsumexp(logits / τ)``. Only K columns of the student's logits are
-    touched (a gather), never a full [N, V] log-softmax: this is what keeps an offline
-    sparse-KD step nearly as cheap as a cross-entropy step.
+    touched (a gather), never a full [N, V] log-softmax. Used by the reference path (the
+    fused path computes the same buckets in ``sparse_kd_and_grad``).
     """
     kept = logits.gather(-1, teacher.ids) / tau - lse.unsqueeze(-1)
     rest = log1mexp(torch.logsumexp(kept, dim=-1)).clamp_min(LOG_FLOOR)
     student = torch.cat([kept, rest.unsqueeze(-1)], dim=-1)
-    t = torch.cat([teacher.logprobs.float(), teacher.rest.float().clamp_min(LOG_FLOOR).unsqueeze(-1)], -1)
-    return t, student
+    return _teacher_buckets(teacher, student.dtype), student
+
+
+def _teacher_buckets(teacher: SparseTeacher, dtype: torch.dtype) -> torch.Tensor:
+    """The teacher's [N, K+1] bucket log-probs: kept log-probs, then the floored rest."""
+    rest = teacher.rest.to(dtype).clamp_min(LOG_FLOOR).unsqueeze(-1)
+    return torch.cat([teacher.logprobs.to(dtype), rest], -1)
+
+
+@dataclass
+class BucketTeacher:
+    """A ``SparseTeacher`` prepared once per call for the fused loss (all rows at once).
+
+    ``ids`` [N, K]; ``logp`` [N, K+1] the bucket log-probs (rest floored at ``LOG_FLOOR``);
+    ``probs`` [N, K+1] = exp(logp); ``plogp`` [N] = Σ_b P_b·logp_b over buckets with P_b > 0.
+    """
+
+    ids: torch.Tensor
+    logp: torch.Tensor
+    probs: torch.Tensor
+    plogp: torch.Tensor
+
+    @classmethod
+    def from_sparse(cls, teacher: SparseTeacher, dtype: torch.dtype) -> "BucketTeacher":
+        logp = _teacher_buckets(teacher, dtype)
+        probs = logp.exp()
+        return cls(teacher.ids, logp, probs, torch.where(probs > 0, probs * logp, 0.0).sum(-1))
+
+    def chunk(self, s: slice) -> "BucketTeacher":
+        return BucketTeacher(self.ids[s], self.logp[s], self.probs[s], self.plogp[s])
+
+
+def sparse_kd_and_grad(kept_logits: torch.Tensor, lse_tau: torch.Tensor, teacher: BucketTeacher,
+                       tau: float, kind: str, beta: float,
+                       want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """τ²·D over the K+1 buckets [n], and ``a`` [n, K] with ∂(τ²D)/∂z = τ·(scatter(a) − q·Σa).
+
+    ``kept_logits`` [n, K] are the student's raw logits at ``teacher.ids``; ``lse_tau`` [n] is
+    ``logsumexp(z / τ)`` over the whole vocabulary. With kept probabilities q_i = e^{s_i},
+    S = Σq_i and the rest r = log(1 − S), ∂r/∂s_i = −q_i/(1 − S), so
+    ``a_i = g_i − q_i·g_rest/(1 − S)`` (g = ∂D/∂buckets). Like the reference (``log1mexp`` caps
+    the log kept mass at −1e-12), a rest mass below ~1e-12 is held at 1e-12 and then passes
+    no gradient. Forward KL uses the teacher's precomputed Σ P·log P (fewest small kernels).
+    """
+    s_kept = kept_logits - lse_tau.unsqueeze(-1) if tau == 1.0 else \
+        (kept_logits / tau).sub_(lse_tau.unsqueeze(-1))                 # [n, K]
+    q_kept = s_kept.exp()
+    rest_mass = torch.rsub(q_kept.sum(-1), 1.0)                        # [n] 1 − S
+    student = torch.cat([s_kept, rest_mass.clamp_min(_REST_MASS_MIN).log_().unsqueeze(-1)], -1)
+    if _resolve_kind(kind, beta) == "forward_kl":
+        value = teacher.plogp - (teacher.probs * student).sum(-1)
+        g_kept, g_rest = None, teacher.probs[:, -1].neg()
+    else:
+        value, g = divergence_and_grad(teacher.logp, student, kind, beta)
+        g_kept, g_rest = g[:, :-1], g[:, -1]
+    value = value if tau == 1.0 else value * tau ** 2
+    if not want_grad:
+        return value, None
+    share = torch.where(rest_mass > _REST_MASS_MIN, g_rest / rest_mass, 0.0).unsqueeze(-1)  # [n, 1]
+    if g_kept is None:  # forward KL: g_kept = −P_kept
+        return value, (q_kept * share).neg_().sub_(teacher.probs[:, :-1])
+    return value, torch.addcmul(g_kept, q_kept, share, value=-1.0)
+
+
+def dense_kd_and_grad(logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float, kind: str,
+                      beta: float, want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """τ²·D(p_T^τ ‖ q_S^τ) per position [n] and its gradient w.r.t. the logits [n, V].
+
+    ``logits`` and ``teacher_logits`` are [n, V]; ∂(τ²D)/∂z = τ·(g − q·Σg), g = ∂D/∂s.
+    """
+    student = F.log_softmax(logits / tau, dim=-1)
+    teacher = F.log_softmax(teacher_logits.to(logits.dtype) / tau, dim=-1)
+    value, g = divergence_and_grad(teacher, student, kind, beta)
+    if not want_grad:
+        return tau ** 2 * value, None
+    grad = g.sub_(student.exp_().mul_(g.sum(-1, keepdim=True))).mul_(tau)
+    return tau ** 2 * value, grad
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half/bfloat16/float32 inputs, float64 for float64 (gradient checks)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class _FusedLinearDistill(torch.autograd.Function):
+    """``total`` (scalar) and ``parts`` [3] = (ntp, kd, z) from ``hidden`` and ``head``.
+
+    The forward pass computes the gradient of ``total`` w.r.t. ``hidden`` [N, H] and
+    ``head`` [V, H] chunk by chunk and saves just those; ``parts`` carries no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, head, targets, teacher, loss, needs):
+        total, parts, grad_hidden, grad_head = loss._fused_pass(hidden, head, targets, teacher, needs)
+        ctx.mark_non_differentiable(parts)
+        ctx.save_for_backward(grad_hidden, grad_head)
+        return total, parts
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_total, _grad_parts):
+        grad_hidden, grad_head = ctx.saved_tensors
+        gh = grad_hidden * grad_total.to(grad_hidden.dtype) if ctx.needs_input_grad[0] else None
+        gw = grad_head * grad_total.to(grad_head.dtype) if ctx.needs_input_grad[1] else None
+        return gh, gw, None, None, None, None
+
+
+@dataclass
+class _Coefs:
+    """Per-position gradient coefficients [N], from w = valid / count (computed once per call).
+
+    ``ce`` = (1-α)·w multiplies p − onehot(target); ``z`` = 2λ·w multiplies lse·p; ``kd`` =
+    α·τ·w multiplies scatter(a) − q·Σa (sparse teacher: α·τ²·∂D/∂z = α·τ·(scatter(a) − q·Σa)).
+    """
+
+    ce: torch.Tensor
+    z: torch.Tensor
+    kd: torch.Tensor
+
+    def chunk(self, s: slice) -> "_Coefs":
+        return _Coefs(self.ce[s], self.z[s], self.kd[s])
 
 
 class DistillationLoss(nn.Module):
@@ -128,28 +314,146 @@ class DistillationLoss(nn.Module):
 
     def forward(self, hidden: torch.Tensor, head: torch.Tensor, targets: torch.Tensor,
                 teacher: SparseTeacher | DenseTeacher | None = None) -> LossParts:
-        """Loss parts for ``hidden`` [N, H], ``head`` [V, H], ``targets`` [N] (see module doc)."""
+        """Loss parts for ``hidden`` [N, H], ``head`` [V, H], ``targets`` [N] (module doc).
+
+        Fused path; falls back to ``reference`` when the teacher's tensors need a gradient.
+        """
+        _resolve_kind(self.kind, self.beta)
+        if teacher is not None and any(t.requires_grad for t in _teacher_tensors(teacher)):
+            return self.reference(hidden, head, targets, teacher)
+        needs = (hidden.requires_grad, head.requires_grad)
+        if torch.is_grad_enabled() and any(needs):
+            total, parts = _FusedLinearDistill.apply(hidden, head, targets, teacher, self, needs)
+        else:
+            total, parts, _, _ = self._fused_pass(hidden, head, targets, teacher, (False, False))
+        return LossParts(total=total, ntp=parts[0], kd=parts[1], z=parts[2])
+
+    def _kd_weight(self, teacher) -> float:
+        """α with a teacher, 0 without one."""
+        return self.alpha if teacher is not None else 0.0
+
+    @torch.no_grad()
+    def _fused_pass(self, hidden, head, targets, teacher, needs: tuple[bool, bool]):
+        """One walk over the chunks: (total [], parts [3], grad_hidden [N, H], grad_head [V, H]).
+
+        Gradients are those of ``total``; each is an empty tensor where ``needs`` says no.
+        Per-row values go to ``rows`` [3, N] (ntp, kd, z), masked and summed once at the end.
+        """
+        dtype = _compute_dtype(hidden.dtype)
         valid = targets != self.ignore_index
         count = valid.sum().clamp_min(1)
-        sums = torch.zeros(3, device=hidden.device, dtype=torch.float32)
+        w = valid.to(dtype) / count                                       # [N] d part / d row
+        w_kd = self._kd_weight(teacher)
+        coefs = _Coefs((1.0 - w_kd) * w, (2.0 * self.z_coef) * w, (w_kd * self.tau) * w)
+        if isinstance(teacher, SparseTeacher):
+            teacher = BucketTeacher.from_sparse(teacher, dtype)
+        grad_hidden = (torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+                       if needs[0] else hidden.new_empty(0))
+        grad_head = (torch.zeros(head.shape, dtype=_compute_dtype(head.dtype), device=head.device)
+                     if needs[1] else head.new_empty(0))
+        rows = torch.zeros(3, hidden.shape[0], device=hidden.device, dtype=dtype)
         for start in range(0, hidden.shape[0], self.chunk):
             s = slice(start, start + self.chunk)
             t_chunk = teacher.chunk(s) if teacher is not None else None
-            if torch.is_grad_enabled() and hidden.requires_grad:
+            dlogits = self._chunk(hidden[s], head, targets[s], t_chunk, rows[:, s],
+                                  coefs.chunk(s) if any(needs) else None)
+            if needs[0]:
+                torch.mm(dlogits.to(head.dtype), head, out=grad_hidden[s])
+            if needs[1]:
+                _accumulate_head_grad(grad_head, dlogits, hidden[s])
+        parts = torch.where(valid, rows, 0.0).sum(-1) / count
+        total = (1.0 - w_kd) * parts[0] + w_kd * parts[1] + self.z_coef * parts[2]
+        return total, parts, grad_hidden, grad_head.to(head.dtype)
+
+    def _chunk(self, hidden, head, targets, teacher, rows, coefs: _Coefs | None):
+        """Fill ``rows`` [3, n] with per-position (ntp, kd, z); return d total / d logits [n, V].
+
+        ``hidden`` [n, H], ``targets`` [n]; ``coefs`` None means no gradient (returns None).
+        The chunk's logits buffer is reused in place for e^{z − max}, then for the gradient.
+        """
+        logits = (hidden @ head.T).to(rows.dtype)                      # [n, V], the only big buffer
+        tgt = targets.clamp_min(0).unsqueeze(-1)                      # [n, 1]
+        target_logit = logits.gather(-1, tgt).squeeze(-1)
+        kd_grad_needed = coefs is not None and self._kd_weight(teacher) != 0.0
+        kd_row, kd_dense, kd_sparse = None, None, None
+        if isinstance(teacher, DenseTeacher):  # needs the logits before they are overwritten
+            kd_row, kd_dense = dense_kd_and_grad(logits, teacher.logits, self.tau, self.kind,
+                                                 self.beta, kd_grad_needed)
+        kept = logits.gather(-1, teacher.ids) if isinstance(teacher, BucketTeacher) else None
+        top = logits.amax(-1, keepdim=True)                            # [n, 1]
+        q_unnorm, q_sum, lse_tau = None, None, None
+        if self.tau != 1.0 and kept is not None:
+            q_unnorm = torch.sub(logits, top).div_(self.tau).exp_()    # [n, V] e^{(z−max)/τ}
+            q_sum = q_unnorm.sum(-1)
+            lse_tau = q_sum.log().add_(top.squeeze(-1), alpha=1.0 / self.tau)
+        e = logits.sub_(top).exp_()                                    # [n, V] e^{z−max}, in place
+        sum_e = e.sum(-1)
+        lse = sum_e.log().add_(top.squeeze(-1))
+        if kept is not None:
+            kd_row, kd_sparse = sparse_kd_and_grad(kept, lse if lse_tau is None else lse_tau, teacher,
+                                                   self.tau, self.kind, self.beta, kd_grad_needed)
+        torch.sub(lse, target_logit, out=rows[0])
+        if kd_row is not None:
+            rows[1].copy_(kd_row)
+        torch.square(lse, out=rows[2])
+        if coefs is None:
+            return None
+        return self._chunk_grad(e, sum_e, lse, q_unnorm, q_sum, tgt, teacher, coefs, kd_dense, kd_sparse)
+
+    def _chunk_grad(self, e, sum_e, lse, q_unnorm, q_sum, tgt, teacher, coefs: _Coefs, kd_dense,
+                    kd_sparse) -> torch.Tensor:
+        """d total / d logits [n, V], built in ``e``'s buffer.
+
+        ``e`` [n, V] = e^{z−max} with row sums ``sum_e`` [n]; ``q_unnorm`` [n, V] =
+        e^{(z−max)/τ} with row sums ``q_sum`` (None at τ = 1); ``lse`` [n]; ``tgt`` [n, 1];
+        ``kd_sparse`` [n, K] (``a``) or ``kd_dense`` [n, V]. With p = e/Σe, q = softmax(z/τ):
+        p·(ce + z·lse) − q·kd·Σa + (w·α)·kd_dense, then −ce at the target and kd·a at the
+        kept ids (scatter_add, so repeated ids add up).
+        """
+        coef_p = torch.addcmul(coefs.ce, coefs.z, lse)                             # [n]
+        coef_q = None
+        if kd_sparse is not None:
+            a_sum = kd_sparse.sum(-1)
+            if q_unnorm is None:  # τ = 1: q is p, one dense coefficient per row
+                coef_p.addcmul_(coefs.kd, a_sum, value=-1.0)
+            else:
+                coef_q = (coefs.kd * a_sum).div_(q_sum)
+        grad = e.mul_((coef_p / sum_e).unsqueeze(-1))
+        if coef_q is not None:
+            grad.addcmul_(q_unnorm, coef_q.unsqueeze(-1), value=-1.0)
+        if kd_dense is not None:
+            grad.addcmul_(kd_dense, (coefs.kd / self.tau).unsqueeze(-1))
+        grad.scatter_add_(-1, tgt, coefs.ce.neg().unsqueeze(-1))
+        if kd_sparse is not None:
+            grad.scatter_add_(-1, teacher.ids, kd_sparse.mul_(coefs.kd.unsqueeze(-1)))
+        return grad
+
+    # ----- reference path: plain autograd through the same math (the old implementation) -----
+
+    def reference(self, hidden: torch.Tensor, head: torch.Tensor, targets: torch.Tensor,
+                  teacher: SparseTeacher | DenseTeacher | None = None) -> LossParts:
+        """The same loss by autograd over checkpointed chunks (slower; ground truth for tests)."""
+        valid = targets != self.ignore_index
+        count = valid.sum().clamp_min(1)
+        sums = torch.zeros(3, device=hidden.device, dtype=_compute_dtype(hidden.dtype))
+        for start in range(0, hidden.shape[0], self.chunk):
+            s = slice(start, start + self.chunk)
+            t_chunk = teacher.chunk(s) if teacher is not None else None
+            if torch.is_grad_enabled() and (hidden.requires_grad or head.requires_grad):
                 part = checkpoint(self._chunk_sums, hidden[s], head, targets[s], t_chunk,
                                   use_reentrant=False)
             else:
                 part = self._chunk_sums(hidden[s], head, targets[s], t_chunk)
             sums = sums + part
         ntp, kd, z = sums / count
-        weight_kd = self.alpha if teacher is not None else 0.0
+        weight_kd = self._kd_weight(teacher)
         total = (1.0 - weight_kd) * ntp + weight_kd * kd + self.z_coef * z
         return LossParts(total=total, ntp=ntp, kd=kd, z=z)
 
     def _chunk_sums(self, hidden, head, targets, teacher) -> torch.Tensor:
-        logits = (hidden @ head.T).float()  # [n, V], the only full-width float32 tensor
+        """Reference: sums of (ntp, kd, z) [3] over one chunk, differentiable."""
+        logits = (hidden @ head.T).to(_compute_dtype(hidden.dtype))  # [n, V]
         valid = targets != self.ignore_index
-        # One logsumexp serves cross-entropy, z-loss and (at τ = 1) the sparse KD.
         lse = torch.logsumexp(logits, dim=-1)
         target_logit = logits.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
         ntp = ((lse - target_logit) * valid).sum()
@@ -160,14 +464,29 @@ class DistillationLoss(nn.Module):
         return torch.stack([ntp, kd, z])
 
     def per_position_kd(self, logits: torch.Tensor, lse: torch.Tensor, teacher) -> torch.Tensor:
-        """τ²·D(p_T^τ ‖ q_S^τ) per position, [n]; sparse labels already carry τ."""
+        """Reference: τ²·D(p_T^τ ‖ q_S^τ) per position, [n]; sparse labels already carry τ."""
         if isinstance(teacher, DenseTeacher):
             student_logp = F.log_softmax(logits / self.tau, dim=-1)
-            teacher_logp = F.log_softmax(teacher.logits.float() / self.tau, dim=-1)
+            teacher_logp = F.log_softmax(teacher.logits.to(logits.dtype) / self.tau, dim=-1)
         else:
             lse_tau = lse if self.tau == 1.0 else torch.logsumexp(logits / self.tau, dim=-1)
             teacher_logp, student_logp = sparse_buckets(logits, lse_tau, teacher, self.tau)
         return self.tau ** 2 * divergence(teacher_logp, student_logp, self.kind, self.beta)
+
+
+def _teacher_tensors(teacher) -> list[torch.Tensor]:
+    """The tensors a teacher holds."""
+    if isinstance(teacher, DenseTeacher):
+        return [teacher.logits]
+    return [teacher.ids, teacher.logprobs, teacher.rest]
+
+
+def _accumulate_head_grad(grad_head: torch.Tensor, dlogits: torch.Tensor, hidden: torch.Tensor) -> None:
+    """``grad_head`` [V, H] += dlogits^T [V, n] @ hidden [n, H], in ``grad_head``'s precision."""
+    if hidden.dtype == grad_head.dtype:
+        grad_head.addmm_(dlogits.T, hidden)
+    else:  # low-precision matmul, accumulated in float32 across chunks
+        grad_head += dlogits.T.to(hidden.dtype) @ hidden
 
 
 def topk_labels(logits: torch.Tensor, k: int, temperature: float,

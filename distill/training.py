@@ -187,6 +187,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
 
     spec: TrainSpec = config["spec"]
+    refuse_if_diverged(spec)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, round(spec.cpus_per_worker)))
@@ -223,10 +224,11 @@ def train_loop_per_worker(config: dict) -> None:
                 metrics = train_step(model, loss_fn, optimizer, scheduler, tensors,
                                      spec.optim.grad_clip, world)
             except FloatingPointError as exc:
-                raise FloatingPointError(
-                    f"{spec.role} training diverged at step {state['step'] + 1}: {exc}; "
-                    f"last good checkpoint: step {state.get('last_checkpoint_step', 'none')} "
-                    f"under {spec.storage_path}/{spec.run_name()}") from exc
+                message = (f"{spec.role} training diverged at step {state['step'] + 1}: {exc}; "
+                           f"last good checkpoint: step {state.get('last_checkpoint_step', 'none')} "
+                           f"under {spec.storage_path}/{spec.run_name()}")
+                mark_diverged(spec, message)
+                raise FloatingPointError(message) from exc
             state["step"] += 1
             state["batch_in_epoch"] = i + 1
             metrics.update(step=state["step"], lr=scheduler.get_last_lr()[0],
@@ -254,6 +256,26 @@ def train_loop_per_worker(config: dict) -> None:
         final["val_loss"] = eval_step(model, val_blocks, per_worker, device)
         logger.log({"final_val_loss": final["val_loss"], "step": state["step"]})
     report_checkpoint(spec, model, optimizer, scheduler, state, final, rank, final=True)
+
+
+def divergence_marker(spec: TrainSpec) -> Path:
+    """File that records a divergence of this run (same inputs → same run → same NaN)."""
+    return Path(spec.storage_path) / spec.run_name() / "DIVERGED"
+
+
+def mark_diverged(spec: TrainSpec, message: str) -> None:
+    """Record the divergence so a restarted worker stops instead of training on."""
+    path = divergence_marker(spec)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(message)
+
+
+def refuse_if_diverged(spec: TrainSpec) -> None:
+    """A diverged run is never continued: Ray Train's restarts (max_failures) stop here too."""
+    path = divergence_marker(spec)
+    if path.is_file():
+        raise FloatingPointError(f"{path.read_text()} (recorded in {path}; change the parameters, "
+                                 f"e.g. a lower learning rate, to start a new run)")
 
 
 def load_online_teacher(spec: TrainSpec, device: torch.device):

@@ -93,3 +93,16 @@ def test_online_distillation_trains_from_full_teacher_logits(data, tmp_path):
     kd = [h["kd"] for h in result.history if "kd" in h]
     assert kd and all(v > 0 for v in kd)  # the KD term was really computed from the teacher
     assert kd[-1] < kd[0]
+
+
+def test_divergence_stops_training_naming_step_and_checkpoint(data, tmp_path):
+    diverging = spec(data, tmp_path / "runs", max_failures=2,
+                     optim=OptimConfig(steps=60, batch_size=16, lr=1e6, warmup_steps=1, grad_clip=0.0,
+                                       eval_every=30))
+    with pytest.raises(Exception) as err:
+        run_training(diverging, tmp_path / "student")
+    message = str(err.value)
+    assert "training diverged at step" in message and "last good checkpoint" in message
+    marker = tmp_path / "runs" / diverging.run_name() / "DIVERGED"
+    assert marker.is_file()
+    assert not (tmp_path / "student").exists()  # nothing that looks like a finished model

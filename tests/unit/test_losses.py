@@ -168,3 +168,214 @@ def test_non_finite_loss_stops_the_step_without_updating():
         train_step(model, DistillationLoss(alpha=0.0), opt, sched, (ids[:, :-1], ids[:, 1:], None), 1.0, 1)
     for a, b in zip(before, model.parameters()):
         assert torch.equal(a, b) or (a.isnan() == b.isnan()).all()
+
+
+# ----- the fused path (analytic logits gradient) against autograd on the reference path -----
+
+KINDS = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3)]
+
+
+def float64_inputs(seed, ignore=True):
+    """``inputs`` in float64, hidden and head as fresh leaves."""
+    hidden, head, t_logits, targets = inputs(seed, ignore)
+    return (hidden.detach().double().requires_grad_(), head.detach().double().requires_grad_(),
+            t_logits.double(), targets)
+
+
+def make_teacher(which, t_logits, tau, k=4):
+    """``sparse`` (top-k at τ, rest bucket) or ``dense`` teacher from teacher logits [N, V]."""
+    if which == "dense":
+        return DenseTeacher(t_logits)
+    labels = topk_labels(t_logits, k, tau)
+    return SparseTeacher(labels.ids, labels.logprobs.double(), labels.rest.double())
+
+
+def fused_and_reference(loss, hidden, head, targets, teacher):
+    """(parts, grads) of the fused forward and of the reference, grads of ``total``."""
+    out = []
+    for fn in (loss, loss.reference):
+        parts = fn(hidden, head, targets, teacher)
+        out.append((parts, torch.autograd.grad(parts.total, (hidden, head))))
+    return out
+
+
+@pytest.mark.parametrize("kind,beta", KINDS)
+@pytest.mark.parametrize("which", ["sparse", "dense"])
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_fused_gradients_match_autograd_reference(kind, beta, which, tau, alpha):
+    hidden, head, t_logits, targets = float64_inputs(7)
+    teacher = make_teacher(which, t_logits, tau)
+    loss = DistillationLoss(alpha=alpha, temperature=tau, kind=kind, beta=beta, z_loss=1e-2,
+                            chunk_positions=5)
+    (got, got_grads), (ref, ref_grads) = fused_and_reference(loss, hidden, head, targets, teacher)
+    for name in ("total", "ntp", "kd", "z"):
+        assert torch.allclose(getattr(got, name), getattr(ref, name), rtol=1e-12, atol=1e-12), name
+    for a, b in zip(got_grads, ref_grads):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind,beta", KINDS + [("jsd", 0.0), ("jsd", 1.0)])
+def test_fused_gradients_with_repeated_ids_and_large_kept_mass(kind, beta):
+    """Random label ids (repeats add up in the scatter), some teacher rests at LOG_FLOOR."""
+    hidden, head, _, targets = float64_inputs(8)
+    g = torch.Generator().manual_seed(8)
+    ids = torch.randint(0, V, (N, 6), generator=g)
+    logp = torch.log_softmax(3 * torch.randn(N, 7, generator=g, dtype=torch.float64), -1)
+    logp[:3, -1] = -1e4  # rest bucket hits LOG_FLOOR on the teacher side
+    teacher = SparseTeacher(ids, logp[:, :6], logp[:, 6])
+    loss = DistillationLoss(alpha=0.6, temperature=1.5, kind=kind, beta=beta, chunk_positions=7)
+    (got, got_grads), (ref, ref_grads) = fused_and_reference(loss, hidden, head, targets, teacher)
+    assert torch.allclose(got.total, ref.total, rtol=1e-12)
+    for a, b in zip(got_grads, ref_grads):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind,beta", KINDS)
+@pytest.mark.parametrize("which", ["sparse", "dense", "none"])
+def test_fused_gradcheck(kind, beta, which):
+    """Finite differences on a tiny float64 case, independent of the reference path."""
+    g = torch.Generator().manual_seed(9)
+    n, h, v = 6, 3, 7
+    hidden = torch.randn(n, h, generator=g, dtype=torch.float64, requires_grad=True)
+    head = torch.randn(v, h, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, v, (n,), generator=g)
+    targets[2] = -100
+    t_logits = torch.randn(n, v, generator=g, dtype=torch.float64)
+    teacher = None if which == "none" else make_teacher(which, t_logits, 2.0, k=3)
+    loss = DistillationLoss(alpha=0.5, temperature=2.0, kind=kind, beta=beta, z_loss=0.1,
+                            chunk_positions=4)
+    assert torch.autograd.gradcheck(lambda a, b: loss(a, b, targets, teacher).total, (hidden, head))
+
+
+def test_fused_backward_scales_by_the_incoming_gradient():
+    hidden, head, t_logits, targets = float64_inputs(10)
+    loss = DistillationLoss(alpha=0.5, chunk_positions=5)
+    teacher = make_teacher("sparse", t_logits, 1.0)
+    once = torch.autograd.grad(loss(hidden, head, targets, teacher).total, (hidden, head))
+    total = loss(hidden, head, targets, teacher).total
+    thrice = torch.autograd.grad(-3.0 * total, (hidden, head))
+    for a, b in zip(once, thrice):
+        assert torch.allclose(-3.0 * a, b)
+
+
+@pytest.mark.parametrize("needs", [(True, False), (False, True)])
+def test_fused_gradient_for_only_one_input(needs):
+    hidden, head, t_logits, targets = float64_inputs(11)
+    hidden.requires_grad_(needs[0])
+    head.requires_grad_(needs[1])
+    leaf = hidden if needs[0] else head
+    loss = DistillationLoss(alpha=0.5, temperature=2.0, chunk_positions=5)
+    teacher = make_teacher("sparse", t_logits, 2.0)
+    got = torch.autograd.grad(loss(hidden, head, targets, teacher).total, leaf)[0]
+    ref = torch.autograd.grad(loss.reference(hidden, head, targets, teacher).total, leaf)[0]
+    assert torch.allclose(got, ref, rtol=1e-9, atol=1e-12)
+
+
+def test_no_gradient_work_without_autograd(monkeypatch):
+    """Under no_grad, or with inputs that need no gradient, only the values are computed."""
+    hidden, head, t_logits, targets = inputs(12)
+    loss = DistillationLoss(alpha=0.5, temperature=2.0, chunk_positions=5)
+    teacher = topk_labels(t_logits, 4, 2.0)
+    ref = loss.reference(hidden, head, targets, teacher).total.detach()
+
+    def boom(*args, **kwargs):
+        raise AssertionError("gradient work without autograd")
+
+    monkeypatch.setattr(DistillationLoss, "_chunk_grad", boom)
+    with torch.no_grad():
+        got = loss(hidden, head, targets, teacher).total
+    assert not got.requires_grad and torch.allclose(got, ref, rtol=1e-6)
+    got = loss(hidden.detach(), head.detach(), targets, teacher).total
+    assert not got.requires_grad and torch.allclose(got, ref, rtol=1e-6)
+
+
+def saved_shapes(fn):
+    """Run ``fn()`` (forward only) and return the shapes autograd saved for backward."""
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return shapes, out
+
+
+@pytest.mark.parametrize("which", ["sparse", "dense", "none"])
+def test_fused_keeps_no_full_width_tensor_for_backward(which):
+    n, h, v, chunk = 64, 4, 40, 16  # [chunk, V] = 640 elements > [N, H] = 256 > [V, H] = 160
+    g = torch.Generator().manual_seed(13)
+    hidden = torch.randn(n, h, generator=g, requires_grad=True)
+    head = torch.randn(v, h, generator=g, requires_grad=True)
+    targets = torch.randint(0, v, (n,), generator=g)
+    t_logits = torch.randn(n, v, generator=g)
+    teacher = {"sparse": topk_labels(t_logits, 5, 2.0), "dense": DenseTeacher(t_logits),
+               "none": None}[which]
+    loss = DistillationLoss(alpha=0.5, temperature=2.0, chunk_positions=chunk)
+
+    shapes, parts = saved_shapes(lambda: loss(hidden, head, targets, teacher))
+    assert (n, h) in shapes and (v, h) in shapes  # the hook does see the custom function's saves
+    assert max(math.prod(s) for s in shapes) <= n * h, shapes
+    parts.total.backward()  # and the saved gradients still work after the hooks
+    assert hidden.grad is not None and head.grad is not None
+
+    # the check can fail: plain autograd keeps the [N, V] logits
+    naive, _ = saved_shapes(lambda: dense_reference(hidden @ head.T, t_logits, targets, 0.5, 2.0,
+                                                    "forward_kl", 0.5, 1e-4))
+    assert (n, v) in naive
+
+
+def test_fused_in_bfloat16_is_close_to_reference():
+    hidden, head, t_logits, targets = inputs(14)
+    hidden = hidden.detach().bfloat16().requires_grad_()
+    head = head.detach().bfloat16().requires_grad_()
+    loss = DistillationLoss(alpha=0.5, temperature=2.0, chunk_positions=5)
+    teacher = topk_labels(t_logits, 4, 2.0)
+    (got, got_grads), (ref, ref_grads) = fused_and_reference(loss, hidden, head, targets, teacher)
+    assert got.total.dtype == torch.float32
+    assert torch.allclose(got.total, ref.total, rtol=1e-5)
+    for a, b in zip(got_grads, ref_grads):
+        assert a.dtype == torch.bfloat16
+        assert torch.allclose(a.float(), b.float(), rtol=2e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("kind,beta", KINDS + [("jsd", 0.0), ("jsd", 1.0)])
+def test_divergence_and_grad_matches_autograd(kind, beta):
+    from distill.losses import divergence_and_grad
+
+    g = torch.Generator().manual_seed(15)
+    t = torch.log_softmax(torch.randn(5, 6, generator=g, dtype=torch.float64), -1)
+    s = torch.log_softmax(torch.randn(5, 6, generator=g, dtype=torch.float64), -1).requires_grad_()
+    t[0, 1] = float("-inf")  # a zero-mass teacher bucket
+    value, grad = divergence_and_grad(t, s.detach(), kind, beta)
+    ref = divergence(t, s, kind, beta)
+    assert torch.allclose(value, ref, rtol=1e-12)
+    assert torch.allclose(grad, torch.autograd.grad(ref.sum(), s)[0], rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("kind,beta", KINDS)
+@pytest.mark.parametrize("k", [V - 3, V])
+def test_sparse_kd_and_grad_rest_bucket_is_clamped_like_the_reference(kind, beta, k):
+    """Student kept mass ≥ 1 − 1e-12: the rest bucket passes no gradient, as autograd through
+    the reference's clamps; compared per logit, tiny entries included (float64)."""
+    from distill.losses import BucketTeacher, sparse_kd_and_grad
+
+    _, _, t_logits, _ = inputs(16)
+    labels = topk_labels(t_logits.double(), k, 1.0)
+    labels = SparseTeacher(labels.ids, labels.logprobs.double(), labels.rest.double())
+    z = torch.randn(N, V, dtype=torch.float64)
+    z.scatter_add_(-1, labels.ids, torch.full((N, k), 30.0, dtype=torch.float64))  # rest mass < 1e-12
+    zr = z.clone().requires_grad_()
+    t, s = sparse_buckets(zr, torch.logsumexp(zr, -1), labels, 1.0)
+    ref = divergence(t, s, kind, beta)
+    (ref_grad,) = torch.autograd.grad(ref.sum(), zr)
+    buckets = BucketTeacher.from_sparse(labels, torch.float64)
+    value, a = sparse_kd_and_grad(z.gather(-1, labels.ids), torch.logsumexp(z, -1), buckets, 1.0,
+                                  kind, beta, True)
+    q = torch.softmax(z, -1)
+    grad = torch.zeros_like(z).scatter_add_(-1, labels.ids, a) - q * a.sum(-1, keepdim=True)
+    assert torch.allclose(value, ref.detach(), rtol=1e-12)
+    assert torch.isfinite(grad).all()
+    assert torch.allclose(grad, ref_grad, rtol=1e-6, atol=1e-30)
