@@ -13,30 +13,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
+from _timing import median_seconds
 
 from distill.config import ModelConfig, OptimConfig
 from distill.losses import DistillationLoss, topk_labels
 from distill.models import build_llama, count_parameters
 from distill.training import make_optimizer, train_step, with_online_labels
-
-
-def median_step_seconds(step, repeats: int, device: str) -> float:
-    """Median wall time of ``step()`` after two warm-up calls."""
-    for _ in range(2):
-        step()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -82,7 +66,7 @@ def main() -> None:
     results: dict[str, list[float]] = {name: [] for name in sides}
     for _ in range(args.rounds):  # alternate sides so drift in machine load hits all of them
         for name, step in sides.items():
-            results[name].append(median_step_seconds(step, args.repeats, args.device))
+            results[name].append(median_seconds(step, args.repeats))
     med = {name: statistics.median(v) for name, v in results.items()}
     for name, seconds in med.items():
         print(f"  {name:24s} {seconds * 1e3:8.1f} ms/step  {tokens / seconds:10.0f} tok/s")

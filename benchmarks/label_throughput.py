@@ -12,33 +12,17 @@ labeled token on disk at the given k values.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from _timing import median_seconds
 
 from distill.config import ModelConfig
 from distill.labels import LabelSettings, labels_table, write_label_shard
 from distill.models import build_llama
 from distill.teachers.hf import HFLabeler
-
-
-def timed(fn, repeats: int) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` runs (after one warm-up)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -76,8 +60,8 @@ def main() -> None:
             def bare():
                 labeler.model(input_ids=ids[:, :-1]).logits.float().sum().item()
 
-            t_bare = timed(bare, args.repeats)
-            t_label = timed(lambda: labeler(dict(batch)), args.repeats)
+            t_bare = median_seconds(bare, args.repeats)
+            t_label = median_seconds(lambda: labeler(dict(batch)), args.repeats)
             out = labeler(dict(batch))
             path = Path(tmp) / f"labels-k{k}.parquet"
             settings = LabelSettings("bench", "bench", k, 1.0)
