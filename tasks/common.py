@@ -29,11 +29,14 @@ RUNS = Path("runs")
 TELEMETRY_OFF = {"DO_NOT_TRACK": "1", "RAY_USAGE_STATS_ENABLED": "0",
                  "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1",
                  "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "HF_HUB_OFFLINE": "1",
-                 "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+                 "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                 # Prefect's temporary server migrates a fresh database on first start:
+                 # 20 s (the default) is too short on a 2-core machine.
+                 "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
 
 
 def quiet_telemetry() -> None:
-    """Turn every tool's telemetry off (called by entry points, never at import)."""
+    """Turn every tool's telemetry off and set offline defaults (entry points call this, never import)."""
     for key, value in TELEMETRY_OFF.items():
         os.environ.setdefault(key, value)
 
