@@ -19,28 +19,21 @@ from pathlib import Path
 from distill.blocks import shard_paths
 from distill.config import load_config
 from distill.io import read_json, write_json
-from distill.labels import LabelSettings
 from distill.raylocal import init_ray
 from distill.training import run_training, spec_from_config
 from tasks.common import PREPARED, RUNS, TEACHER_DIR, TEACHER_JSON, quiet_telemetry
-from tasks.label import label_shards, summarise
+from tasks.label import label_train_blocks
 
 OUT = RUNS / "bench-topk"
 
 
 def labels_at(cfg, k: int, manifest: dict, teacher: dict) -> list[Path]:
-    """Top-k label shards of the train blocks (computed once per k, then reused)."""
-    settings = LabelSettings(teacher["fingerprint"], manifest["tokenizer"]["hash"], k, cfg.distill.temperature)
+    """Top-k label shards of the train blocks (the label stage's own code; reused per k)."""
     out = OUT / f"labels-k{k}"
     out.mkdir(parents=True, exist_ok=True)
-    shards = [{**s, "key": settings.key(s["hash"]), "label_file": f"labels-{settings.key(s['hash'])}.parquet"}
-              for s in manifest["splits"]["train"]["shards"]]
-    pending = [s for s in shards if not (out / s["label_file"]).is_file()]
-    if pending:
-        label_shards(cfg, pending, settings, manifest, out)
-    summary = summarise(out, shards, settings, labeled_now=len(pending))
+    summary = label_train_blocks(cfg, out, teacher, manifest)
     print(f"k={k}: {summary['bytes_per_position']:.1f} bytes/position")
-    return [out / s["label_file"] for s in shards]
+    return [out / s["label_file"] for s in summary["shards"]]
 
 
 def train_student(cfg, name: str, loss, data_paths, manifest: dict, **extra) -> float:

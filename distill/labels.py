@@ -58,6 +58,22 @@ class LabelSettings:
         return sha256_bytes((json.dumps(asdict(self), sort_keys=True) + source_hash).encode())[:20]
 
 
+def settings_for_run(top_k: int, temperature: float, teacher: dict, manifest: dict) -> LabelSettings:
+    """The label settings a run uses: from ``teacher.json``, the prepared manifest and the
+    ``distill`` params (k capped at the vocabulary). The label stage writes them and the
+    train stage demands them, so both must build them here."""
+    return LabelSettings(teacher_fingerprint=teacher["fingerprint"],
+                         tokenizer_hash=manifest["tokenizer"]["hash"],
+                         k=min(top_k, manifest["tokenizer"]["vocab_size"]),
+                         temperature=temperature)
+
+
+def plan_label_shards(settings: LabelSettings, manifest: dict) -> list[dict]:
+    """Each prepared train shard with the content-addressed name of its label file."""
+    return [{**s, "key": settings.key(s["hash"]), "label_file": f"labels-{settings.key(s['hash'])}.parquet"}
+            for s in manifest["splits"]["train"]["shards"]]
+
+
 def _list_array(flat: np.ndarray, rows: int, dtype: pa.DataType) -> pa.ListArray:
     width = flat.size // rows if rows else 0
     offsets = pa.array(np.arange(rows + 1, dtype=np.int32) * width, type=pa.int32())

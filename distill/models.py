@@ -39,16 +39,22 @@ def has_model_weights(path: str | Path) -> bool:
     return (path / "config.json").is_file() and any((path / w).is_file() for w in WEIGHT_FILES)
 
 
-def load_causal_lm(path: str | Path, trust_remote_code: bool = False, dtype=torch.float32):
-    """Load a local HF causal LM; a folder with no model is an error naming it."""
-    from transformers import AutoModelForCausalLM
-
+def require_model_folder(path: str | Path) -> Path:
+    """``path`` as a Path if it holds an HF config and weights; else an error naming it."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: model folder does not exist")
     if not has_model_weights(path):
         raise FileNotFoundError(f"{path}: holds no Hugging Face model (config.json and "
                                 f"one of {', '.join(WEIGHT_FILES)} expected)")
+    return path
+
+
+def load_causal_lm(path: str | Path, trust_remote_code: bool = False, dtype=torch.float32):
+    """Load a local HF causal LM; a folder with no model is an error naming it."""
+    from transformers import AutoModelForCausalLM
+
+    path = require_model_folder(path)
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True,
                                                 trust_remote_code=trust_remote_code)
 

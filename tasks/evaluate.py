@@ -47,7 +47,7 @@ def run(cfg: Config, out: Path = METRICS) -> dict:
     )
     write_json(out, metrics)
     print(summary_line(metrics))
-    track_in_mlflow(cfg, metrics, decision)
+    track_in_mlflow(cfg, metrics, decision, student, manifest)
     return metrics
 
 
@@ -101,7 +101,7 @@ def dvc_hashes(lock_path: Path = Path("dvc.lock")) -> dict[str, str]:
             for out in stage.get("outs", [])}
 
 
-def track_in_mlflow(cfg: Config, metrics: dict, decision: dict) -> None:
+def track_in_mlflow(cfg: Config, metrics: dict, decision: dict, student, manifest: dict) -> None:
     """Params, data hashes, decision, metrics, plots and the registered student."""
     import mlflow
 
@@ -114,11 +114,11 @@ def track_in_mlflow(cfg: Config, metrics: dict, decision: dict) -> None:
                              REPORTS / "student_loss.png", REPORTS / "teacher_loss.png"])
     mlflow.set_tags({"distill.decision": decision["decision"],
                      "distill.data.prepared": hashes.get("data/prepared", "")})
-    log_data_lineage(hashes)
-    register_student(cfg, metrics)
+    log_data_lineage(hashes, manifest)
+    register_student(cfg, metrics, student)
 
 
-def log_data_lineage(hashes: dict[str, str]) -> None:
+def log_data_lineage(hashes: dict[str, str], manifest: dict) -> None:
     """Record the prepared data's DVC hash as the run's input dataset."""
     import mlflow
     import pandas as pd
@@ -126,7 +126,6 @@ def log_data_lineage(hashes: dict[str, str]) -> None:
     digest = hashes.get("data/prepared")
     if not digest:
         return
-    manifest = read_json(PREPARED / "manifest.json")
     frame = pd.DataFrame([{"split": k, "blocks": v["blocks"], "tokens": v["tokens"]}
                           for k, v in manifest["splits"].items()])
     dataset = mlflow.data.from_pandas(frame, source=str(PREPARED.resolve()), name="prepared",
@@ -134,12 +133,12 @@ def log_data_lineage(hashes: dict[str, str]) -> None:
     mlflow.log_input(dataset, context="validation")
 
 
-def register_student(cfg: Config, metrics: dict) -> None:
-    """Log the student in the transformers flavour with its tokenizer and register a version."""
+def register_student(cfg: Config, metrics: dict, model) -> None:
+    """Log the student (already loaded) in the transformers flavour with its tokenizer and
+    register a version."""
     import mlflow
     import transformers
 
-    model = load_causal_lm(STUDENT_DIR)
     tokenizer = load_tokenizer(STUDENT_DIR)
     # Explicit requirements: inference by import fails where torchvision is absent.
     requirements = [f"torch=={torch.__version__.split('+')[0]}",

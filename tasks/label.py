@@ -16,7 +16,8 @@ import numpy as np
 
 from distill.config import Config
 from distill.io import read_json, write_json
-from distill.labels import LabelSettings, labels_table, write_label_shard
+from distill.labels import (LabelSettings, labels_table, plan_label_shards, settings_for_run,
+                            write_label_shard)
 from distill.raylocal import init_ray
 from distill.teachers import resolve_backend
 from tasks.common import DECISION, LABELS, PREPARED, TEACHER_DIR, TEACHER_JSON, log_to_mlflow, stage_main
@@ -30,14 +31,18 @@ def run(cfg: Config, out: Path = LABELS) -> dict:
         return write_skipped(out, f"gate decided {decision['decision']!r}: {decision.get('reason', '')}")
     if cfg.distill.source == "online":
         return write_skipped(out, "distill.source = online: the teacher runs inside training")
-    teacher = read_json(TEACHER_JSON)
-    manifest = read_json(PREPARED / "manifest.json")
-    settings = LabelSettings(teacher_fingerprint=teacher["fingerprint"],
-                             tokenizer_hash=manifest["tokenizer"]["hash"],
-                             k=min(cfg.distill.top_k, manifest["tokenizer"]["vocab_size"]),
-                             temperature=cfg.distill.temperature)
-    shards = [{**s, "key": settings.key(s["hash"]), "label_file": f"labels-{settings.key(s['hash'])}.parquet"}
-              for s in manifest["splits"]["train"]["shards"]]
+    result = label_train_blocks(cfg, out, read_json(TEACHER_JSON), read_json(PREPARED / "manifest.json"))
+    log_to_mlflow(params={"label": {"k": result["settings"]["k"], "temperature": cfg.distill.temperature,
+                                    "backend": resolve_backend(cfg.label.backend, cfg.distill.temperature)}},
+                  metrics={"label_" + k: v for k, v in result.items() if isinstance(v, (int, float))})
+    return result
+
+
+def label_train_blocks(cfg: Config, out: Path, teacher: dict, manifest: dict) -> dict:
+    """Label the train shards not yet labeled under ``out`` with this run's settings, drop
+    stale ones, and write the manifest last; returns it."""
+    settings = settings_for_run(cfg.distill.top_k, cfg.distill.temperature, teacher, manifest)
+    shards = plan_label_shards(settings, manifest)
     pending = [s for s in shards if not (out / s["label_file"]).is_file()]
     print(f"labeling {len(pending)} of {len(shards)} train shards "
           f"({len(shards) - len(pending)} already labeled with these settings)")
@@ -46,9 +51,6 @@ def run(cfg: Config, out: Path = LABELS) -> dict:
     remove_stale(out, {s["label_file"] for s in shards})
     result = summarise(out, shards, settings, labeled_now=len(pending))
     write_json(out / "manifest.json", result)  # the completion marker, written last
-    log_to_mlflow(params={"label": {"k": settings.k, "temperature": settings.temperature,
-                                    "backend": resolve_backend(cfg.label.backend, cfg.distill.temperature)}},
-                  metrics={"label_" + k: v for k, v in result.items() if isinstance(v, (int, float))})
     return result
 
 

@@ -16,7 +16,7 @@ from distill.blocks import read_blocks, shard_paths
 from distill.config import Config
 from distill.io import atomic_dir, read_json, write_json
 from distill.models import (check_vocab_compatible, count_parameters, load_causal_lm,
-                            logits_vocab, model_fingerprint)
+                            logits_vocab, model_fingerprint, require_model_folder)
 from distill.plots import plot_loss_curves
 from distill.raylocal import init_ray
 from distill.tokenizer import load_tokenizer, tokenizer_hash
@@ -73,7 +73,7 @@ def pretrain_teacher(cfg: Config, manifest: dict, out: Path) -> tuple[list[dict]
 def adopt_teacher(cfg: Config, out: Path) -> None:
     """Check a local HF teacher (model, same tokenizer as the data) and link it into ``out``."""
     src = Path(cfg.teacher.model)
-    load_causal_lm(src, cfg.teacher.trust_remote_code)  # fails naming the folder if no model
+    require_model_folder(src)  # loading it happens once, from `out`, after adoption
     teacher_tok = load_tokenizer(src, cfg.teacher.trust_remote_code)
     data_tok = load_tokenizer(PREPARED / "tokenizer")
     check_vocab_compatible(teacher_tok.get_vocab(), data_tok.get_vocab(),

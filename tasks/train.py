@@ -13,7 +13,7 @@ from pathlib import Path
 from distill.blocks import shard_paths
 from distill.config import Config
 from distill.io import read_json, write_json
-from distill.labels import LabelSettings, check_label_settings
+from distill.labels import check_label_settings, settings_for_run
 from distill.models import check_vocab_compatible
 from distill.plots import plot_loss_curves
 from distill.raylocal import init_ray
@@ -83,10 +83,7 @@ def offline_inputs(cfg: Config, manifest: dict) -> tuple[list[Path], dict]:
         raise ValueError(f"{LABELS / 'manifest.json'}: labels are {labels.get('status')!r}, but the "
                          f"decision is distill (offline); re-run the label stage")
     teacher = check_same_vocabulary(manifest)
-    expected = LabelSettings(teacher_fingerprint=teacher["fingerprint"],
-                             tokenizer_hash=manifest["tokenizer"]["hash"],
-                             k=min(cfg.distill.top_k, manifest["tokenizer"]["vocab_size"]),
-                             temperature=cfg.distill.temperature)
+    expected = settings_for_run(cfg.distill.top_k, cfg.distill.temperature, teacher, manifest)
     paths = [LABELS / s["label_file"] for s in labels["shards"]]
     check_label_settings(paths, expected)
     return paths, {"k": expected.k}

@@ -11,10 +11,9 @@ import psutil
 import pytest
 
 from distill.blocks import write_block_shards
-from distill.config import DistillConfig, ModelConfig, OptimConfig
+from distill.config import DistillConfig, ModelConfig, OptimConfig, RayConfig
 from distill.models import build_llama
 from distill.raylocal import init_ray
-from distill.config import RayConfig
 from distill.tokenizer import train_bpe
 from distill.training import TrainSpec, run_training
 
