@@ -18,8 +18,16 @@ PARQUET_OPTIONS = {"compression": "zstd", "use_dictionary": False, "write_statis
 def pack_blocks(token_lists: list[list[int]], eos_id: int, block_size: int) -> np.ndarray:
     """Concatenate documents (each followed by EOS) and cut into ``[n, block_size]`` int32.
 
-    The tail shorter than one block is dropped.
+    The tail shorter than one block is dropped. (Positional packing: adding a document
+    shifts every later block; the prepare stage uses :func:`pack_blocks_stable`.)
     """
+    stream = _eos_stream(token_lists, eos_id)
+    n = stream.size // block_size
+    return stream[: n * block_size].reshape(n, block_size)
+
+
+def _eos_stream(token_lists: list[list[int]], eos_id: int) -> np.ndarray:
+    """The documents' tokens, each document followed by EOS, as one int32 array."""
     total = sum(len(t) + 1 for t in token_lists)
     stream = np.empty(total, dtype=np.int32)
     pos = 0
@@ -27,8 +35,53 @@ def pack_blocks(token_lists: list[list[int]], eos_id: int, block_size: int) -> n
         stream[pos:pos + len(toks)] = toks
         stream[pos + len(toks)] = eos_id
         pos += len(toks) + 1
-    n = total // block_size
-    return stream[: n * block_size].reshape(n, block_size)
+    return stream
+
+
+def pack_blocks_stable(token_lists: list[list[int]], doc_hashes: list[str], eos_id: int,
+                       block_size: int, tail_buckets: int) -> np.ndarray:
+    """Pack documents into ``[n, block_size]`` int32 blocks that survive added documents.
+
+    Each document (its tokens + EOS) gives its full blocks on its own, so they depend on
+    that document only. The leftover tails (shorter than a block) go, by document hash,
+    into ``tail_buckets`` buckets; each bucket concatenates its tails in hash order and is
+    cut into blocks (its last partial block is dropped). A new document therefore changes
+    only tail blocks of its own bucket (those after it in hash order): the label cache,
+    keyed by block content, relabels only those and the new document's own blocks.
+    Documents are taken in hash order, so the result does not depend on input order.
+    Identical blocks are kept once (the first).
+    """
+    if len(token_lists) != len(doc_hashes):
+        raise ValueError(f"{len(token_lists)} documents but {len(doc_hashes)} hashes")
+    order = sorted(range(len(doc_hashes)), key=lambda i: doc_hashes[i])
+    full: list[np.ndarray] = []
+    tails: list[list[np.ndarray]] = [[] for _ in range(tail_buckets)]
+    for i in order:
+        stream = _eos_stream([token_lists[i]], eos_id)
+        n = stream.size // block_size
+        if n:
+            full.append(stream[: n * block_size].reshape(n, block_size))
+        if stream.size > n * block_size:
+            tails[int(doc_hashes[i][8:16], 16) % tail_buckets].append(stream[n * block_size:])
+    for bucket in tails:
+        if bucket:
+            joined = np.concatenate(bucket)
+            n = joined.size // block_size
+            full.append(joined[: n * block_size].reshape(n, block_size))
+    blocks = np.concatenate(full) if full else np.empty((0, block_size), np.int32)
+    return unique_blocks(blocks)
+
+
+def unique_blocks(blocks: np.ndarray) -> np.ndarray:
+    """``blocks`` without repeats (first occurrence kept, order otherwise unchanged)."""
+    seen: set[bytes] = set()
+    keep = []
+    for i, row in enumerate(blocks):
+        key = row.tobytes()
+        if key not in seen:
+            seen.add(key)
+            keep.append(i)
+    return blocks[keep] if len(keep) < len(blocks) else blocks
 
 
 def block_id(block: np.ndarray) -> str:

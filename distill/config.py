@@ -47,6 +47,10 @@ class DataConfig:
     vocab_size: int = field(default=2048, metadata=_range(260, 1_000_000))
     block_size: int = field(default=128, metadata=_range(8, 1_000_000))
     shard_blocks: int = field(default=2048, metadata=_range(1))
+    # Document tails (shorter than a block) are packed in this many buckets by document hash:
+    # an added document changes only tail blocks of its bucket (more buckets: fewer relabeled
+    # blocks, more dropped remainders — each bucket's last partial block).
+    tail_buckets: int = field(default=16, metadata=_range(1, 1_000_000))
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,33 @@ class GateConfig:
 
 
 @dataclass(frozen=True)
+class CalibrateConfig:
+    """The calibration sweep that fits the gate's laws on this project's data (``calibrate`` stage).
+
+    Supervised points: every student size × every budget. Distillation points: every student
+    size × every budget × every teacher. Optimiser settings (batch, warm-up share, schedule,
+    decay, clipping) come from ``train``, so a sweep point with the pipeline's student size
+    and steps is the pipeline's own training run.
+    """
+
+    # Student sizes "<layers>x<d_model>", comma-separated; heads = d_model / head_dim.
+    students: str = "1x48, 2x64, 3x96"
+    head_dim: int = field(default=16, metadata=_range(1, 65536))
+    # Token budgets as optimizer steps at train.batch_size, comma-separated.
+    steps: str = "100, 200, 400"
+    # Teachers: "pipeline" (the teacher stage's model) and/or "<layers>x<d_model>" (that
+    # supervised sweep model at the largest budget, reused as a teacher, as the paper did).
+    teachers: str = "pipeline, 3x96"
+    # Learning rate of a size: train.lr · (student.d_model / d_model) ^ lr_width_exponent.
+    lr_width_exponent: float = field(default=0.5, metadata=_range(0.0, 4.0))
+    # Share of each kind's points held out of the fit to measure its prediction error (0 = none).
+    heldout_share: float = field(default=0.2, metadata=_range(0.0, 0.9))
+    bootstrap: int = field(default=50, metadata=_range(0))   # bootstrap resamples for CIs (0 = none)
+    fit_starts: int = field(default=32, metadata=_range(1))   # L-BFGS-B starts (best grid points)
+    cpus_per_point: float = field(default=1.0, metadata=_range(0.0, lo_open=True))  # Ray task size
+
+
+@dataclass(frozen=True)
 class DistillConfig:
     """The loss: ``(1-alpha)·NTP + alpha·KD + z_loss·Z`` with top-k soft labels."""
 
@@ -132,6 +163,19 @@ class LabelConfig:
     cpus_per_actor: float = field(default=1.0, metadata=_range(0.0, lo_open=True))
     gpus_per_actor: float = field(default=0.0, metadata=_range(0.0))
     dtype: str = field(default="float32", metadata=_choice("float32", "bfloat16", "float16"))
+    # soft: top-k log-probs of the corpus text (teacher forcing); hard: the teacher's
+    # generations for prompts (the first prompt_tokens of each block); hard+soft: the
+    # generations with the top-k log-probs of every generated token.
+    mode: str = field(default="soft", metadata=_choice("soft", "hard", "hard+soft"))
+    prompt_tokens: int = field(default=32, metadata=_range(1))     # hard modes: prompt length
+    max_new_tokens: int = field(default=64, metadata=_range(1))    # hard modes: generation cap
+    sampling: str = field(default="greedy", metadata=_choice("greedy", "sample"))
+    # hard modes with sampling: sample; seeded per block by the top-level seed
+    gen_temperature: float = field(default=1.0, metadata=_range(0.0, 100.0, lo_open=True))
+    top_p: float = field(default=1.0, metadata=_range(0.0, 1.0, lo_open=True))
+    # vLLM: GPUs one engine spans (its actor needs that many: label.gpus_per_actor)
+    tensor_parallel_size: int = field(default=1, metadata=_range(1, 1024))
+    gpu_memory_utilization: float = field(default=0.85, metadata=_range(0.0, 1.0, lo_open=True))
 
 
 @dataclass(frozen=True)
@@ -152,6 +196,13 @@ class EvaluateConfig:
     max_blocks: int = field(default=256, metadata=_range(1))
     batch_size: int = field(default=16, metadata=_range(1))
     registered_model: str = "distill-student"
+    # Equal-width confidence bins of the expected calibration error (max next-token probability).
+    ece_bins: int = field(default=15, metadata=_range(2, 1000))
+    # Greedy samples of both models from fixed prompts: the first `samples` validation blocks,
+    # cut to `sample_prompt_tokens` tokens, continued by `sample_tokens` tokens (0 samples = none).
+    samples: int = field(default=3, metadata=_range(0, 100))
+    sample_prompt_tokens: int = field(default=8, metadata=_range(1))
+    sample_tokens: int = field(default=16, metadata=_range(1))
 
 
 @dataclass(frozen=True)
@@ -180,6 +231,7 @@ class Config:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     gate: GateConfig = field(default_factory=GateConfig)
+    calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     label: LabelConfig = field(default_factory=LabelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -289,6 +341,78 @@ def _check_constraints(value: Any, meta: Any, key: str, source: str) -> None:
             raise ConfigError(f"{source}: {key} = {value!r} is out of range (must be {bounds})")
 
 
+SUPERVISED_LAW_PARAMS, DISTILLATION_LAW_PARAMS = 6, 9  # coefficients of Eq. 1 and Eq. 8
+
+
+def parse_student_sizes(text: str, key: str = "calibrate.students") -> list[tuple[int, int]]:
+    """``"1x48, 2x64"`` → ``[(1, 48), (2, 64)]``; a ConfigError names ``key`` on bad input."""
+    sizes = []
+    for item in (t.strip() for t in text.split(",")):
+        parts = item.lower().split("x")
+        if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+            raise ConfigError(f"{key}: {item!r} is not a size; write <layers>x<d_model>, e.g. 2x64, "
+                              f"comma-separated")
+        sizes.append((int(parts[0]), int(parts[1])))
+    if len(set(sizes)) != len(sizes):
+        raise ConfigError(f"{key}: sizes repeat in {text!r}")
+    return sizes
+
+
+def parse_steps(text: str, key: str = "calibrate.steps") -> list[int]:
+    """``"100, 200"`` → ``[100, 200]`` (distinct positive integers, sorted)."""
+    items = [t.strip() for t in text.split(",")]
+    if not all(t.isdigit() and int(t) > 0 for t in items):
+        raise ConfigError(f"{key}: {text!r} must be positive integers (optimizer steps), comma-separated")
+    steps = sorted(int(t) for t in items)
+    if len(set(steps)) != len(steps):
+        raise ConfigError(f"{key}: budgets repeat in {text!r}")
+    return steps
+
+
+def parse_teachers(text: str, students: list[tuple[int, int]],
+                   key: str = "calibrate.teachers") -> list[str]:
+    """``"pipeline, 3x96"`` → ``["pipeline", "3x96"]``; a size must be one of the students."""
+    teachers = []
+    for item in (t.strip().lower() for t in text.split(",")):
+        if item != "pipeline":
+            (size,) = parse_student_sizes(item, key)
+            if size not in students:
+                raise ConfigError(f"{key}: {item!r} is not one of calibrate.students; a sweep "
+                                  f"teacher is a supervised sweep model (allowed: pipeline, "
+                                  f"{', '.join(f'{a}x{b}' for a, b in students)})")
+            item = f"{size[0]}x{size[1]}"
+        teachers.append(item)
+    if len(set(teachers)) != len(teachers):
+        raise ConfigError(f"{key}: teachers repeat in {text!r}")
+    return teachers
+
+
+def heldout_count(n_points: int, share: float) -> int:
+    """How many of ``n_points`` a held-out ``share`` keeps out of the fit."""
+    return int(round(n_points * share))
+
+
+def _check_calibrate(cfg: Config, source: str) -> None:
+    """Sizes, budgets and teachers parse; heads divide; enough points remain for both fits."""
+    cal = cfg.calibrate
+    students = parse_student_sizes(cal.students, f"{source}: calibrate.students")
+    steps = parse_steps(cal.steps, f"{source}: calibrate.steps")
+    teachers = parse_teachers(cal.teachers, students, f"{source}: calibrate.teachers")
+    for layers, width in students:
+        if width % cal.head_dim:
+            raise ConfigError(f"{source}: calibrate.students: d_model {width} of {layers}x{width} must "
+                              f"be divisible by calibrate.head_dim ({cal.head_dim})")
+    for kind, n, need in (("supervised", len(students) * len(steps), SUPERVISED_LAW_PARAMS),
+                          ("distillation", len(students) * len(steps) * len(teachers),
+                           DISTILLATION_LAW_PARAMS)):
+        fitted = n - heldout_count(n, cal.heldout_share)
+        if fitted < need:
+            raise ConfigError(f"{source}: calibrate.students/steps/teachers give {n} {kind} points, "
+                              f"{fitted} after calibrate.heldout_share = {cal.heldout_share}: the "
+                              f"{kind} law has {need} coefficients, so the fit needs at least "
+                              f"{need} points")
+
+
 def _check_cross_field(cfg: Config, source: str) -> None:
     for section in ("teacher", "student"):
         m: ModelConfig = getattr(cfg, section)
@@ -306,3 +430,19 @@ def _check_cross_field(cfg: Config, source: str) -> None:
         # vLLM's prompt log-probs are raw (τ = 1); top-k alone cannot be re-tempered exactly.
         raise ConfigError(f"{source}: label.backend = vllm needs distill.temperature = 1.0 "
                           f"(got {cfg.distill.temperature}); use label.backend: hf for τ ≠ 1")
+    _check_label_generation(cfg, source)
+    _check_calibrate(cfg, source)
+
+
+def _check_label_generation(cfg: Config, source: str) -> None:
+    """Hard-label rows (prompt + generation) must fit a block; vLLM actors need their TP GPUs."""
+    lab = cfg.label
+    if lab.mode != "soft" and lab.prompt_tokens + lab.max_new_tokens > cfg.data.block_size:
+        raise ConfigError(f"{source}: label.prompt_tokens ({lab.prompt_tokens}) + label.max_new_tokens "
+                          f"({lab.max_new_tokens}) must be at most data.block_size "
+                          f"({cfg.data.block_size}): a hard-label row is prompt + generation, "
+                          f"padded to one block")
+    if lab.backend == "vllm" and lab.tensor_parallel_size > lab.gpus_per_actor:
+        raise ConfigError(f"{source}: label.tensor_parallel_size ({lab.tensor_parallel_size}) needs "
+                          f"label.gpus_per_actor ≥ {lab.tensor_parallel_size} (got "
+                          f"{lab.gpus_per_actor}): one vLLM engine spans that many GPUs")

@@ -1,21 +1,37 @@
-"""The soft-label format: top-k teacher log-probs per position, compact parquet shards.
+"""The label format: teacher labels per block, compact parquet shards, one schema for all modes.
 
-One row per block of T tokens (P = T-1 predicted positions, K kept tokens):
+One row per labeled block of T tokens (P = T-1 predicted positions, K kept tokens):
 
 =================  ====================  ==========================================
 column             type                  content
 =================  ====================  ==========================================
-block_id           string                content hash of the block (cache key)
-input_ids          list<int32>   [T]     the block's tokens
+block_id           string                content hash of the source block (cache key)
+input_ids          list<int32>   [T]     the training row: the block (soft) or prompt +
+                                         teacher generation, padded (hard modes)
 topk_ids           list<int32>   [P·K]   teacher's top-k token ids per position
+                                         (empty in ``hard`` mode: K = 0)
 topk_logprobs      list<float16> [P·K]   their log-probs at the label temperature
-rest_logprob       list<float16> [P]     log of the mass outside the top k
-teacher_nll        float32               teacher's mean NLL of the real next tokens
+rest_logprob       list<float16> [P]     log of the mass outside the top k ([0] in hard)
+teacher_nll        float32               teacher's mean NLL of the real next tokens of the
+                                         block (soft) or of the prompt (hard modes)
+loss_from          int32                 first position p with a loss (0 in soft mode;
+                                         prompt_tokens-1 in hard modes)
+length             int32                 tokens of the row before padding; positions
+                                         p ≥ length-1 carry no loss
 =================  ====================  ==========================================
 
+Position p predicts token p+1; training puts the ignore index on targets outside
+``loss_from ≤ p < length-1``. In ``hard+soft`` mode the top-k of masked positions is a
+filler (a valid uniform distribution) that the loss never reads.
+
 The settings that make labels usable (teacher fingerprint, tokenizer hash, k,
-temperature, mode) are stored in the parquet schema metadata of every shard; training
-refuses shards whose settings differ from its own.
+temperature, mode, generation settings) are stored in the parquet schema metadata of
+every shard; training refuses shards whose settings differ from its own.
+
+The label folder is a cache keyed by block: a shard holds any set of blocks, is named by
+the hash of its block ids and the settings, and is never rewritten in place.
+:func:`plan_labels` says which wanted blocks have no label yet and which shards hold
+stale rows (to be compacted by copying rows, no teacher needed).
 """
 
 from __future__ import annotations
@@ -30,7 +46,7 @@ import pyarrow.parquet as pq
 
 from distill.io import sha256_bytes
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: loss_from/length columns, hard modes, generation settings
 META_KEY = b"distill.labels"
 LABEL_SCHEMA = pa.schema([
     ("block_id", pa.string()),
@@ -39,7 +55,11 @@ LABEL_SCHEMA = pa.schema([
     ("topk_logprobs", pa.list_(pa.float16())),
     ("rest_logprob", pa.list_(pa.float16())),
     ("teacher_nll", pa.float32()),
+    ("loss_from", pa.int32()),
+    ("length", pa.int32()),
 ])
+ERROR_SCHEMA = pa.schema([("block_id", pa.string()), ("reason", pa.string())])
+MODES = ("soft", "hard", "hard+soft")
 
 
 @dataclass(frozen=True)
@@ -51,6 +71,7 @@ class LabelSettings:
     k: int
     temperature: float
     mode: str = "soft"
+    generation: str = ""  # hard modes: canonical JSON of the generation settings
     format: int = FORMAT_VERSION
 
     def key(self, source_hash: str) -> str:
@@ -58,20 +79,116 @@ class LabelSettings:
         return sha256_bytes((json.dumps(asdict(self), sort_keys=True) + source_hash).encode())[:20]
 
 
-def settings_for_run(top_k: int, temperature: float, teacher: dict, manifest: dict) -> LabelSettings:
-    """The label settings a run uses: from ``teacher.json``, the prepared manifest and the
-    ``distill`` params (k capped at the vocabulary). The label stage writes them and the
-    train stage demands them, so both must build them here."""
+def settings_for_run(top_k: int, temperature: float, teacher: dict, manifest: dict,
+                     label=None, seed: int = 0) -> LabelSettings:
+    """The label settings a run uses: from ``teacher.json``, the prepared manifest, the
+    ``distill`` params (k capped at the vocabulary) and the ``label`` params (mode and
+    generation; ``None`` = soft). The label stage writes them and the train stage demands
+    them, so both must build them here."""
+    mode = label.mode if label is not None else "soft"
     return LabelSettings(teacher_fingerprint=teacher["fingerprint"],
                          tokenizer_hash=manifest["tokenizer"]["hash"],
-                         k=min(top_k, manifest["tokenizer"]["vocab_size"]),
-                         temperature=temperature)
+                         k=0 if mode == "hard" else min(top_k, manifest["tokenizer"]["vocab_size"]),
+                         temperature=temperature, mode=mode,
+                         generation=generation_settings(label, seed) if mode != "soft" else "")
 
 
-def plan_label_shards(settings: LabelSettings, manifest: dict) -> list[dict]:
-    """Each prepared train shard with the content-addressed name of its label file."""
-    return [{**s, "key": settings.key(s["hash"]), "label_file": f"labels-{settings.key(s['hash'])}.parquet"}
-            for s in manifest["splits"]["train"]["shards"]]
+def generation_settings(label, seed: int) -> str:
+    """Canonical JSON of what decides a teacher generation (part of the cache key)."""
+    sampled = label.sampling == "sample"
+    return json.dumps({"prompt_tokens": label.prompt_tokens, "max_new_tokens": label.max_new_tokens,
+                       "sampling": label.sampling,
+                       "temperature": label.gen_temperature if sampled else None,
+                       "top_p": label.top_p if sampled else None,
+                       "seed": seed if sampled else None}, sort_keys=True)
+
+
+def shard_name(settings: LabelSettings, block_ids: list[str]) -> str:
+    """Content-addressed file name of a label shard holding ``block_ids`` (in that order)."""
+    return f"labels-{settings.key(sha256_bytes(''.join(block_ids).encode()))}.parquet"
+
+
+@dataclass
+class LabelPlan:
+    """What the label stage must do to have exactly the wanted blocks labeled."""
+
+    missing: list[str]                 # wanted block ids without a label, in wanted order
+    keep: dict[str, list[str]]         # shard file → its block ids, all wanted
+    compact: dict[str, list[str]]      # shard file → the wanted ids it holds (it holds others too)
+    drop: list[str]                    # shard files holding no wanted block
+
+    @property
+    def cached(self) -> int:
+        """Wanted blocks that already have labels."""
+        return sum(map(len, self.keep.values())) + sum(map(len, self.compact.values()))
+
+
+def plan_labels(wanted: list[str], index: dict[str, list[str]]) -> LabelPlan:
+    """Compare the wanted block ids with the shards' contents (``index``: file → ids).
+
+    A block labeled in several shards (not made by this stage, but possible after manual
+    copies) counts once: the first shard in name order keeps it, the others are compacted.
+    """
+    wanted_set = set(wanted)
+    owner: dict[str, str] = {}
+    keep, compact, drop = {}, {}, []
+    for name in sorted(index):
+        ids = index[name]
+        mine = [b for b in ids if b in wanted_set and b not in owner]
+        for b in mine:
+            owner[b] = name
+        if not mine:
+            drop.append(name)
+        elif len(mine) == len(ids):
+            keep[name] = ids
+        else:
+            compact[name] = mine
+    missing = [b for b in dict.fromkeys(wanted) if b not in owner]
+    return LabelPlan(missing=missing, keep=keep, compact=compact, drop=drop)
+
+
+def index_label_shards(out: Path, settings: LabelSettings) -> tuple[dict[str, list[str]], list[Path]]:
+    """The shards under ``out`` made with ``settings`` (file name → block ids) and the other
+    files (other settings, leftovers of interrupted writes) that no run with these settings
+    can use."""
+    index: dict[str, list[str]] = {}
+    other: list[Path] = []
+    for path in sorted(out.glob("*labels-*.parquet*")):
+        if path.name.startswith(".") or path.suffix != ".parquet":
+            other.append(path)
+            continue
+        try:
+            same = read_label_settings(path) == settings
+        except ValueError:  # a corrupt or foreign file is no cache entry: replaced by labeling
+            same = False
+        if same:
+            index[path.name] = pq.read_table(path, columns=["block_id"]).column(0).to_pylist()
+        else:
+            other.append(path)
+    return index, other
+
+
+def compact_shard(out: Path, name: str, keep_ids: list[str], settings: LabelSettings) -> str:
+    """Rewrite shard ``name`` with only the rows of ``keep_ids`` (copied, no teacher); returns
+    the new shard's name. The old file is removed after the new one is complete."""
+    table = pq.read_table(out / name)
+    wanted = set(keep_ids)
+    mask = pa.array([b in wanted for b in table.column("block_id").to_pylist()])
+    kept = table.filter(mask)
+    new = shard_name(settings, kept.column("block_id").to_pylist())
+    write_label_shard(kept.replace_schema_metadata(table.schema.metadata), out / new)
+    if new != name:
+        (out / name).unlink()
+    return new
+
+
+def write_error_table(errors: list[dict], path: Path) -> None:
+    """The blocks that could not be labeled (block_id, reason), atomically, as parquet."""
+    table = pa.table({"block_id": [e["block_id"] for e in errors],
+                      "reason": [e["reason"] for e in errors]}, schema=ERROR_SCHEMA)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
 
 
 def _list_array(flat: np.ndarray, rows: int, dtype: pa.DataType) -> pa.ListArray:
@@ -81,15 +198,22 @@ def _list_array(flat: np.ndarray, rows: int, dtype: pa.DataType) -> pa.ListArray
 
 
 def labels_table(batch: dict[str, np.ndarray], settings: LabelSettings) -> pa.Table:
-    """A batch of labeled blocks (2-D numpy columns) → an arrow table with the settings attached."""
+    """A batch of labeled blocks (2-D numpy columns) → an arrow table with the settings attached.
+
+    ``loss_from`` and ``length`` default to the whole block (soft labels)."""
     rows = len(batch["block_id"])
+    ids = np.asarray(batch["input_ids"], np.int32).reshape(rows, -1)
+    loss_from = batch.get("loss_from", np.zeros(rows, np.int32))
+    length = batch.get("length", np.full(rows, ids.shape[1], np.int32))
     table = pa.table({
         "block_id": pa.array([str(b) for b in batch["block_id"]], type=pa.string()),
-        "input_ids": _list_array(np.asarray(batch["input_ids"], np.int32), rows, pa.int32()),
+        "input_ids": _list_array(ids, rows, pa.int32()),
         "topk_ids": _list_array(np.asarray(batch["topk_ids"], np.int32), rows, pa.int32()),
         "topk_logprobs": _list_array(np.asarray(batch["topk_logprobs"], np.float16), rows, pa.float16()),
         "rest_logprob": _list_array(np.asarray(batch["rest_logprob"], np.float16), rows, pa.float16()),
         "teacher_nll": pa.array(np.asarray(batch["teacher_nll"], np.float32)),
+        "loss_from": pa.array(np.asarray(loss_from, np.int32)),
+        "length": pa.array(np.asarray(length, np.int32)),
     }, schema=LABEL_SCHEMA)
     return table.replace_schema_metadata({META_KEY: json.dumps(asdict(settings)).encode()})
 
@@ -109,7 +233,11 @@ def read_label_settings(path: str | Path) -> LabelSettings:
         raise ValueError(f"{path}: corrupt or unreadable label shard: {exc}") from exc
     if META_KEY not in meta:
         raise ValueError(f"{path}: not a label shard (no {META_KEY.decode()} metadata)")
-    return LabelSettings(**json.loads(meta[META_KEY]))
+    found = json.loads(meta[META_KEY])
+    if found.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{path}: label format {found.get('format')}, this code reads format "
+                         f"{FORMAT_VERSION}; re-run the label stage")
+    return LabelSettings(**found)
 
 
 def check_label_settings(paths: list[Path], expected: LabelSettings) -> None:

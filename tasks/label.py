@@ -1,11 +1,17 @@
-"""Stage ``label``: the teacher's top-k soft labels for every train block, via Ray Data.
+"""Stage ``label``: teacher labels for every train block, via Ray Data, cached per block.
 
-Content-addressed and resumable: each prepared train shard is labeled into a file named
-by the hash of its blocks and the label settings (``LabelSettings.key``). Files that
-exist are complete (written under a temporary name, then renamed) and are never
-recomputed; an interrupted run resumes with the missing shards; shards no longer needed
-are removed. ``manifest.json`` is written last. With a ``supervised`` decision the stage
-writes an explicit "skipped" manifest instead.
+Modes (``label.mode``): ``soft`` (top-k log-probs of the corpus text), ``hard`` (teacher
+generations for prompts) and ``hard+soft``; one schema (:mod:`distill.labels`).
+
+Content-addressed, incremental and resumable: the label folder is a cache keyed by
+block id (the hash of the block's tokens) under this run's label settings. Only train
+blocks without a label are sent to the teacher, in chunks of ``data.shard_blocks``
+written as new shards (under a temporary name, then renamed: a file that exists is
+complete), so an interrupted run resumes with what is missing and adding documents labels
+only their new blocks. Shards holding blocks no longer wanted are compacted by copying
+rows (no teacher) or removed. Blocks the teacher cannot label go to ``errors.parquet``
+(block id, reason), counted in the manifest. ``manifest.json`` is written last. With a
+``supervised`` decision the stage writes an explicit "skipped" manifest instead.
 """
 
 from __future__ import annotations
@@ -13,14 +19,21 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from distill.config import Config
 from distill.io import read_json, write_json
-from distill.labels import (LabelSettings, labels_table, plan_label_shards, settings_for_run,
+from distill.labels import (LabelSettings, compact_shard, index_label_shards, labels_table,
+                            plan_labels, settings_for_run, shard_name, write_error_table,
                             write_label_shard)
 from distill.raylocal import init_ray
 from distill.teachers import resolve_backend
 from tasks.common import DECISION, LABELS, PREPARED, TEACHER_DIR, TEACHER_JSON, log_to_mlflow, stage_main
+
+ERRORS_FILE = "errors.parquet"
+SMALL_DATA_BYTES = 256 * 1024 * 1024  # below this the driver selects the pending blocks itself
 
 
 def run(cfg: Config, out: Path = LABELS) -> dict:
@@ -33,25 +46,53 @@ def run(cfg: Config, out: Path = LABELS) -> dict:
         return write_skipped(out, "distill.source = online: the teacher runs inside training")
     result = label_train_blocks(cfg, out, read_json(TEACHER_JSON), read_json(PREPARED / "manifest.json"))
     log_to_mlflow(params={"label": {"k": result["settings"]["k"], "temperature": cfg.distill.temperature,
+                                    "mode": cfg.label.mode,
                                     "backend": resolve_backend(cfg.label.backend, cfg.distill.temperature)}},
-                  metrics={"label_" + k: v for k, v in result.items() if isinstance(v, (int, float))})
+                  metrics={"label_" + k: v for k, v in result.items() if isinstance(v, (int, float))},
+                  artifacts=[out / ERRORS_FILE] if result["errors"] else None)
     return result
 
 
 def label_train_blocks(cfg: Config, out: Path, teacher: dict, manifest: dict) -> dict:
-    """Label the train shards not yet labeled under ``out`` with this run's settings, drop
-    stale ones, and write the manifest last; returns it."""
-    settings = settings_for_run(cfg.distill.top_k, cfg.distill.temperature, teacher, manifest)
-    shards = plan_label_shards(settings, manifest)
-    pending = [s for s in shards if not (out / s["label_file"]).is_file()]
-    print(f"labeling {len(pending)} of {len(shards)} train shards "
-          f"({len(shards) - len(pending)} already labeled with these settings)")
-    if pending:
-        label_shards(cfg, pending, settings, manifest, out)
-    remove_stale(out, {s["label_file"] for s in shards})
-    result = summarise(out, shards, settings, labeled_now=len(pending))
+    """Label the train blocks that have no label under ``out`` with this run's settings,
+    compact or drop stale shards, and write the manifest last; returns it."""
+    out.mkdir(parents=True, exist_ok=True)
+    # an interrupted run must not leave the previous run's manifest looking complete
+    (out / "manifest.json").unlink(missing_ok=True)
+    settings = settings_for_run(cfg.distill.top_k, cfg.distill.temperature, teacher, manifest,
+                                cfg.label, cfg.seed)
+    wanted = train_block_ids(manifest)
+    index, unusable = index_label_shards(out, settings)
+    plan = plan_labels(wanted, index)
+    print(f"labeling {len(plan.missing)} of {len(wanted)} train blocks ({plan.cached} already "
+          f"labeled with these settings, mode {settings.mode})")
+    errors: list[dict] = []
+    if plan.missing:
+        errors = label_blocks(cfg, plan.missing, settings, manifest, out)
+    for name, keep in plan.compact.items():
+        print(f"compacting {name}: keeping {len(keep)} of {len(index[name])} blocks")
+        compact_shard(out, name, keep, settings)
+    for path in unusable + [out / name for name in plan.drop]:
+        path.unlink()
+    write_error_table(errors, out / ERRORS_FILE)
+    shards, _ = index_label_shards(out, settings)
+    if not shards:
+        first = errors[0]["reason"] if errors else "no train blocks"
+        raise ValueError(f"label stage: none of {len(wanted)} train blocks could be labeled "
+                         f"(first reason: {first}); see {out / ERRORS_FILE}")
+    result = summarise(out, shards, settings, labeled_now=len(plan.missing) - len(errors),
+                       reused=plan.cached, compacted=len(plan.compact), errors=errors)
     write_json(out / "manifest.json", result)  # the completion marker, written last
     return result
+
+
+def train_block_ids(manifest: dict) -> list[str]:
+    """The block ids of the prepared train split, in shard order."""
+    ids: list[str] = []
+    for shard in manifest["splits"]["train"]["shards"]:
+        ids.extend(pq.read_table(PREPARED / "train" / shard["file"], columns=["block_id"])
+                   .column(0).to_pylist())
+    return ids
 
 
 def write_skipped(out: Path, reason: str) -> dict:
@@ -62,95 +103,136 @@ def write_skipped(out: Path, reason: str) -> dict:
     return result
 
 
-def label_shards(cfg: Config, pending: list[dict], settings: LabelSettings, manifest: dict,
-                 out: Path) -> None:
-    """Run the teacher over the pending shards with a Ray Data actor pool; write each shard whole."""
+def label_blocks(cfg: Config, missing: list[str], settings: LabelSettings, manifest: dict,
+                 out: Path) -> list[dict]:
+    """Run the teacher over the ``missing`` blocks with a Ray Data actor pool, writing shards
+    of ``data.shard_blocks`` labeled rows as they complete; returns the per-block errors."""
     import ray.data
 
     backend = resolve_backend(cfg.label.backend, cfg.distill.temperature)
     init_ray(cfg.ray)
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    paths = [str((PREPARED / "train" / s["file"]).resolve()) for s in pending]
-    ds = ray.data.read_parquet(paths, include_paths=True)
+    ds = pending_dataset(manifest, missing)
     labeler, kwargs = teacher_backend(cfg, backend, settings, manifest)
     ds = ds.map_batches(labeler, fn_constructor_kwargs=kwargs, batch_size=cfg.label.batch_size,
                         batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=cfg.label.num_actors),
                         num_cpus=cfg.label.cpus_per_actor, num_gpus=cfg.label.gpus_per_actor or None)
-    expected = {p: s for p, s in zip(paths, pending)}
-    writer = ShardWriter(out, expected, settings)
+    writer = ShardWriter(out, settings, cfg.data.shard_blocks, total=len(missing))
     for batch in ds.iter_batches(batch_size=cfg.label.batch_size, batch_format="numpy"):
         writer.add(batch)
     writer.finish()
+    return writer.errors
+
+
+def pending_dataset(manifest: dict, missing: list[str]):
+    """A Ray dataset of the ``missing`` train blocks, in prepared-shard order."""
+    import ray.data
+
+    paths = [str((PREPARED / "train" / s["file"]).resolve()) for s in manifest["splits"]["train"]["shards"]]
+    wanted = pa.array(missing, type=pa.string())
+    if sum(Path(p).stat().st_size for p in paths) <= SMALL_DATA_BYTES:
+        # Small data: the driver selects the rows (starting read tasks costs seconds on 2 cores).
+        tables = [pq.read_table(p) for p in paths]
+        tables = [t.filter(pc.is_in(t.column("block_id"), value_set=wanted)) for t in tables]
+        return ray.data.from_arrow([t for t in tables if t.num_rows])
+    keep = set(missing)
+
+    def select(batch: dict) -> dict:
+        mask = np.fromiter((b in keep for b in batch["block_id"]), bool, len(batch["block_id"]))
+        return {k: v[mask] for k, v in batch.items()}
+
+    return ray.data.read_parquet(paths).map_batches(select, batch_format="numpy")
 
 
 def teacher_backend(cfg: Config, backend: str, settings: LabelSettings, manifest: dict):
     """The map_batches callable class of the chosen backend and its constructor arguments."""
+    tok = manifest["tokenizer"]
     kwargs = {"model_dir": str(TEACHER_DIR.resolve()), "k": settings.k,
-              "temperature": settings.temperature, "vocab_size": manifest["tokenizer"]["vocab_size"],
-              "trust_remote_code": cfg.teacher.trust_remote_code}
+              "temperature": settings.temperature, "vocab_size": tok["vocab_size"],
+              "trust_remote_code": cfg.teacher.trust_remote_code, "block_size": manifest["block_size"],
+              "mode": settings.mode, "generation": settings.generation,
+              "eos_id": tok["eos_id"], "pad_id": tok["pad_id"]}
     if backend == "hf":
         from distill.teachers.hf import HFLabeler
 
         return HFLabeler, {**kwargs, "dtype": cfg.label.dtype, "use_gpu": cfg.label.gpus_per_actor > 0}
     from distill.teachers.vllm import VLLMLabeler
 
-    return VLLMLabeler, {**kwargs, "dtype": cfg.label.dtype}
+    return VLLMLabeler, {**kwargs, "dtype": cfg.label.dtype,
+                         "tensor_parallel_size": cfg.label.tensor_parallel_size,
+                         "gpu_memory_utilization": cfg.label.gpu_memory_utilization}
 
 
 class ShardWriter:
-    """Collects labeled rows per source shard (they arrive in order) and writes complete shards."""
+    """Collects labeled rows in arrival order and writes every ``shard_blocks`` of them as one
+    complete, content-addressed shard; rows with an error go to ``errors``.
 
-    def __init__(self, out: Path, expected: dict[str, dict], settings: LabelSettings):
-        self.out, self.expected, self.settings = out, expected, settings
-        self.parts: dict[str, list[dict]] = {}
-        self.rows: dict[str, int] = {}
+    The chunks depend only on the order of the pending blocks, so a resumed run (whose
+    pending blocks are the uninterrupted run's minus the shards already written, a prefix)
+    writes the same shards as an uninterrupted one."""
+
+    COLUMNS = ("block_id", "input_ids", "topk_ids", "topk_logprobs", "rest_logprob",
+               "teacher_nll", "loss_from", "length")
+
+    def __init__(self, out: Path, settings: LabelSettings, shard_blocks: int, total: int):
+        self.out, self.settings, self.shard_blocks, self.total = out, settings, shard_blocks, total
+        self.parts: list[dict] = []
+        self.buffered = 0
+        self.seen = 0
+        self.written = 0
+        self.errors: list[dict] = []
 
     def add(self, batch: dict[str, np.ndarray]) -> None:
-        for path in dict.fromkeys(batch["path"]):
-            mask = batch["path"] == path
-            self.parts.setdefault(path, []).append({k: v[mask] for k, v in batch.items()})
-            self.rows[path] = self.rows.get(path, 0) + int(mask.sum())
-            if self.rows[path] == self.expected[path]["blocks"]:
-                self._write(path)
+        err = np.asarray(batch["error"], dtype=object)
+        bad = np.array([bool(e) for e in err], dtype=bool)
+        for block, reason in zip(batch["block_id"][bad], err[bad]):
+            self.errors.append({"block_id": str(block), "reason": str(reason)})
+        good = {k: np.asarray(batch[k])[~bad] for k in self.COLUMNS}
+        self.seen += len(bad)
+        if len(good["block_id"]):
+            self.parts.append(good)
+            self.buffered += len(good["block_id"])
+        while self.buffered >= self.shard_blocks:
+            self._write(self.shard_blocks)
 
-    def _write(self, path: str) -> None:
-        parts = self.parts.pop(path)
-        merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        shard = self.expected[path]
-        write_label_shard(labels_table(merged, self.settings), self.out / shard["label_file"])
-        print(f"labeled {shard['file']} → {shard['label_file']} ({shard['blocks']} blocks)")
+    def _write(self, rows: int) -> None:
+        merged = {k: np.concatenate([p[k] for p in self.parts]) for k in self.COLUMNS}
+        chunk = {k: v[:rows] for k, v in merged.items()}
+        rest = {k: v[rows:] for k, v in merged.items()}
+        self.parts = [rest] if len(rest["block_id"]) else []
+        self.buffered -= rows
+        name = shard_name(self.settings, [str(b) for b in chunk["block_id"]])
+        write_label_shard(labels_table(chunk, self.settings), self.out / name)
+        self.written += rows
+        print(f"labeled {self.seen}/{self.total} blocks ({len(self.errors)} errors) → {name} "
+              f"({rows} blocks)", flush=True)
 
     def finish(self) -> None:
-        """Every pending shard must have been written completely."""
-        missing = [p for p in self.expected if not (self.out / self.expected[p]["label_file"]).is_file()]
-        if missing:
-            raise RuntimeError(f"labeling ended with incomplete shards: {missing} "
-                               f"(rows seen: {[self.rows.get(p, 0) for p in missing]})")
+        """Write the last partial shard; every pending block must have come back."""
+        if self.buffered:
+            self._write(self.buffered)
+        if self.seen != self.total:
+            raise RuntimeError(f"labeling returned {self.seen} of {self.total} pending blocks")
 
 
-def remove_stale(out: Path, keep: set[str]) -> None:
-    """Delete label files (and leftovers of interrupted writes) that no current shard needs."""
-    for path in out.glob("*labels-*.parquet*"):
-        if path.name not in keep:
-            path.unlink()
-
-
-def summarise(out: Path, shards: list[dict], settings: LabelSettings, labeled_now: int) -> dict:
-    """The label manifest: settings, shards, sizes, and the teacher's train NLL from the labels."""
-    import pyarrow.parquet as pq
-
-    blocks = sum(s["blocks"] for s in shards)
-    nll = [pq.read_table(out / s["label_file"], columns=["teacher_nll"]).column(0).to_numpy()
-           for s in shards]
-    first = pq.read_table(out / shards[0]["label_file"], columns=["rest_logprob"]).column(0)
-    positions = blocks * len(first[0])
-    size = sum((out / s["label_file"]).stat().st_size for s in shards)
+def summarise(out: Path, shards: dict[str, list[str]], settings: LabelSettings, labeled_now: int,
+              reused: int, compacted: int, errors: list[dict]) -> dict:
+    """The label manifest: settings, shards, sizes, errors, and the teacher's train NLL."""
+    tables = {name: pq.read_table(out / name, columns=["teacher_nll", "loss_from", "length"])
+              for name in shards}
+    blocks = sum(t.num_rows for t in tables.values())
+    positions = int(sum((pc.sum(pc.subtract(pc.subtract(t.column("length"), t.column("loss_from")), 1))
+                         .as_py() or 0) for t in tables.values()))
+    nll = np.concatenate([t.column("teacher_nll").to_numpy() for t in tables.values()])
+    size = sum((out / name).stat().st_size for name in shards)
     return {"status": "complete", "settings": settings.__dict__, "blocks": blocks,
-            "positions": positions, "shards": [{k: s[k] for k in ("file", "label_file", "blocks", "key")}
-                                               for s in shards],
-            "labeled_now": labeled_now, "reused": len(shards) - labeled_now, "bytes": size,
-            "bytes_per_position": size / positions,
-            "teacher_train_nll": float(np.concatenate(nll).mean())}
+            "positions": positions,
+            "shards": [{"label_file": name, "blocks": tables[name].num_rows} for name in sorted(shards)],
+            "labeled_now": labeled_now, "reused": reused, "compacted_shards": compacted,
+            "errors": len(errors), "error_file": ERRORS_FILE, "bytes": size,
+            "bytes_per_position": size / max(positions, 1),
+            # soft: the train NLL of the real next tokens; hard modes: of the prompts
+            "teacher_train_nll": float(np.nanmean(nll)) if np.isfinite(nll).any() else None}
 
 
 def main() -> None:

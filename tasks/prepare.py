@@ -8,8 +8,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from distill.blocks import pack_blocks, write_block_shards
-from distill.config import Config
+from distill.blocks import pack_blocks_stable, write_block_shards
+from distill.config import Config, DataConfig
 from distill.corpus import load_documents, split_by_hash
 from distill.io import atomic_dir, sha256_bytes, write_json
 from distill.tokenizer import load_tokenizer, tokenizer_hash, train_bpe
@@ -25,12 +25,14 @@ def run(cfg: Config, out: Path = PREPARED) -> dict:
           f"{stats.duplicates} duplicates dropped, {len(stats.undecodable)} undecodable files skipped")
     with atomic_dir(out) as tmp:
         tokenizer = build_tokenizer(cfg, [doc.text for doc in train_docs], tmp / "tokenizer")
-        splits = {}
+        splits, index = {}, {}
         for name, split_docs in (("train", train_docs), ("val", val_docs)):
-            splits[name] = write_split(tokenizer, split_docs, d.block_size, d.shard_blocks, tmp / name)
+            splits[name], index[name] = write_split(tokenizer, split_docs, d, tmp / name)
         manifest = {
             "source": d.source,
-            "documents": {"total": len(docs), "train": len(train_docs), "val": len(val_docs)},
+            # per-document content hashes (→ origin, split, tokens): what changed between runs
+            "documents": {"total": len(docs), "train": len(train_docs), "val": len(val_docs),
+                          "hashes": {**index["train"], **index["val"]}},
             "documents_hash": sha256_bytes("".join(doc.sha for doc in docs).encode()),
             "corpus": {**dataclasses.asdict(stats), "undecodable_count": len(stats.undecodable)},
             "tokenizer": {"hash": tokenizer_hash(tmp / "tokenizer"), "vocab_size": len(tokenizer),
@@ -42,7 +44,7 @@ def run(cfg: Config, out: Path = PREPARED) -> dict:
     print(f"prepared {splits['train']['blocks']} train / {splits['val']['blocks']} val blocks of "
           f"{d.block_size} tokens, vocabulary {len(tokenizer)}")
     log_to_mlflow(params={"data": dataclasses.asdict(d)},
-                  metrics={"documents": manifest["documents"],
+                  metrics={"documents": {k: manifest["documents"][k] for k in ("total", "train", "val")},
                            "blocks": {k: v["blocks"] for k, v in splits.items()},
                            "tokens": {k: v["tokens"] for k, v in splits.items()},
                            "undecodable": len(stats.undecodable), "duplicates": stats.duplicates})
@@ -58,16 +60,20 @@ def build_tokenizer(cfg: Config, train_texts: list[str], out_dir: Path):
     return tok
 
 
-def write_split(tokenizer, docs, block_size: int, shard_blocks: int, out_dir: Path) -> dict:
-    """Tokenise, pack and write one split; returns its manifest entry."""
+def write_split(tokenizer, docs, d: DataConfig, out_dir: Path) -> tuple[dict, dict]:
+    """Tokenise, pack (stable under added documents) and write one split; returns its
+    manifest entry and its documents' index (hash → origin, split, tokens)."""
     token_lists = tokenizer([doc.text for doc in docs], add_special_tokens=False)["input_ids"]
-    blocks = pack_blocks(token_lists, tokenizer.eos_token_id, block_size)
+    blocks = pack_blocks_stable(token_lists, [doc.sha for doc in docs], tokenizer.eos_token_id,
+                                d.block_size, d.tail_buckets)
     if len(blocks) == 0:
         raise ValueError(f"data.block_size: {out_dir.name} split has "
-                         f"{sum(map(len, token_lists))} tokens, less than one block of {block_size}")
-    shards = write_block_shards(blocks, out_dir, shard_blocks)
-    return {"documents": len(docs), "tokens": int(sum(len(t) + 1 for t in token_lists)),
-            "blocks": int(len(blocks)), "shards": shards}
+                         f"{sum(map(len, token_lists))} tokens, less than one block of {d.block_size}")
+    shards = write_block_shards(blocks, out_dir, d.shard_blocks)
+    index = {doc.sha: {"origin": doc.origin, "split": out_dir.name, "tokens": len(toks)}
+             for doc, toks in zip(docs, token_lists)}
+    return ({"documents": len(docs), "tokens": int(sum(len(t) + 1 for t in token_lists)),
+             "blocks": int(len(blocks)), "shards": shards}, index)
 
 
 def main() -> None:

@@ -12,6 +12,8 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from distill.blocks import read_blocks, shard_paths
 from distill.config import Config
 from distill.io import atomic_dir, read_json, write_json
@@ -20,7 +22,8 @@ from distill.models import (check_vocab_compatible, count_parameters, load_causa
 from distill.plots import plot_loss_curves
 from distill.raylocal import init_ray
 from distill.tokenizer import load_tokenizer, tokenizer_hash
-from distill.training import eval_step, run_training, spec_from_config, tokens_per_run
+from distill.teachers.hf import HFLabeler
+from distill.training import run_training, spec_from_config, tokens_per_run
 from tasks.common import (PREPARED, REPORTS, RUNS, TEACHER_DIR, TEACHER_JSON, log_to_mlflow,
                           mlflow_target, stage_main)
 
@@ -37,14 +40,16 @@ def run(cfg: Config, out: Path = TEACHER_DIR, info_path: Path = TEACHER_JSON) ->
     model = load_causal_lm(out, cfg.teacher.trust_remote_code)
     logits_vocab(model.config.vocab_size, manifest["tokenizer"]["vocab_size"], str(out))
     _, val_blocks = read_blocks(PREPARED / "val", limit=cfg.evaluate.max_blocks)
-    val_loss = eval_step(model, val_blocks, cfg.evaluate.batch_size, model.device)
+    val_loss = teacher_val_loss(model, val_blocks, manifest["tokenizer"]["vocab_size"],
+                                cfg.evaluate.batch_size)
     info = {
         "source": cfg.teacher.model,
         "fingerprint": model_fingerprint(out),
         "tokenizer_hash": tokenizer_hash(out),
         "parameters": count_parameters(model),
         "tokens": tokens,
-        "val_loss": val_loss,
+        "val_loss": val_loss,  # L_T, read by the gate
+        "val_loss_method": "teacher_nll of the HF labeler on the val blocks",
         "val_blocks": len(val_blocks),
         "config": dataclasses.asdict(cfg.teacher),
         "history": history,
@@ -58,6 +63,23 @@ def run(cfg: Config, out: Path = TEACHER_DIR, info_path: Path = TEACHER_JSON) ->
     print(f"teacher {info['fingerprint'][:12]}: {info['parameters']['non_embedding']:,} non-embedding "
           f"parameters, {tokens:,.0f} tokens, validation loss {val_loss:.4f} nats/token")
     return info
+
+
+def teacher_val_loss(model, blocks, vocab_size: int, batch_size: int) -> float:
+    """L_T: the teacher's mean NLL of the real next tokens on ``blocks`` [n, T], computed by the
+    labeler's own code path (``teacher_nll``), the number the label stage records for the train
+    blocks in the same pass. A val block the labeler cannot take is an error naming it."""
+    labeler = HFLabeler.from_model(model, k=1, temperature=1.0, vocab_size=vocab_size,
+                                   block_size=blocks.shape[1])
+    nll = []
+    for start in range(0, len(blocks), batch_size):
+        chunk = blocks[start:start + batch_size]
+        out = labeler({"block_id": np.arange(start, start + len(chunk)).astype(str), "input_ids": chunk})
+        bad = [e for e in out["error"] if e]
+        if bad:
+            raise ValueError(f"teacher: val blocks cannot be labeled by the teacher: {bad[0]}")
+        nll.append(out["teacher_nll"])
+    return float(np.concatenate(nll).mean())
 
 
 def pretrain_teacher(cfg: Config, manifest: dict, out: Path) -> tuple[list[dict], int]:

@@ -41,7 +41,8 @@ def run(cfg: Config, out: Path = STUDENT_DIR) -> dict:
                             shard_paths(PREPARED / "val"), PREPARED, manifest, RUNS,
                             **extra, **mlflow_target(cfg))
     if mode == "distill":
-        mode = f"distill ({cfg.distill.source})"
+        labels = f", {cfg.label.mode} labels" if "label_meta" in extra else ""
+        mode = f"distill ({cfg.distill.source}{labels})"
     print(f"training the student ({mode}) for {cfg.train.steps} steps on "
           f"{cfg.train.num_workers} Ray Train worker(s)")
     init_ray(cfg.ray)
@@ -83,10 +84,12 @@ def offline_inputs(cfg: Config, manifest: dict) -> tuple[list[Path], dict]:
         raise ValueError(f"{LABELS / 'manifest.json'}: labels are {labels.get('status')!r}, but the "
                          f"decision is distill (offline); re-run the label stage")
     teacher = check_same_vocabulary(manifest)
-    expected = settings_for_run(cfg.distill.top_k, cfg.distill.temperature, teacher, manifest)
+    expected = settings_for_run(cfg.distill.top_k, cfg.distill.temperature, teacher, manifest,
+                                cfg.label, cfg.seed)
     paths = [LABELS / s["label_file"] for s in labels["shards"]]
     check_label_settings(paths, expected)
-    return paths, {"k": expected.k}
+    # hard labels carry no top-k: the loss is then cross-entropy on the teacher's generations
+    return paths, {"k": expected.k or None, "mode": expected.mode}
 
 
 def main() -> None:

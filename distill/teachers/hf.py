@@ -1,11 +1,14 @@
-"""Hugging Face teacher: batched teacher-forcing forward passes → top-k soft labels."""
+"""Hugging Face teacher: batched forward passes (soft labels) and generations (hard labels)."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import torch
 
 from distill.losses import topk_labels
+from distill.teachers.common import block_problem, empty_columns, filler_topk, generation_seed
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -13,22 +16,73 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class HFLabeler:
     """Callable class for Ray Data ``map_batches``: loads the teacher once per actor.
 
-    Input batch: ``block_id`` [B], ``input_ids`` [B, T]. Output adds ``topk_ids`` and
-    ``topk_logprobs`` [B, (T-1)·K], ``rest_logprob`` [B, T-1] and ``teacher_nll`` [B].
+    Input batch: ``block_id`` [B], ``input_ids`` [B, T]. Output (one row per input row):
+    ``input_ids`` [B, T] (the training row), ``topk_ids``/``topk_logprobs`` [B, (T-1)·K],
+    ``rest_logprob`` [B, T-1] (K = 0 and [B, 0] in hard mode), ``teacher_nll`` [B],
+    ``loss_from``/``length`` [B] and ``error`` [B] ('' or why the block could not be labeled;
+    such rows carry zeros and are written to the error table, not to the labels).
+
+    ``mode``: ``soft`` (teacher forcing on the block), ``hard`` (the teacher continues the
+    first ``prompt_tokens`` of the block), ``hard+soft`` (and keeps the top-k of every
+    generated position). ``generation`` is the JSON of
+    :func:`distill.labels.generation_settings`.
     """
 
     def __init__(self, model_dir: str, k: int, temperature: float, vocab_size: int,
-                 dtype: str = "float32", use_gpu: bool = False, trust_remote_code: bool = False):
+                 dtype: str = "float32", use_gpu: bool = False, trust_remote_code: bool = False,
+                 block_size: int | None = None, mode: str = "soft", generation: str = "",
+                 eos_id: int | None = None, pad_id: int | None = None):
         from distill.models import load_causal_lm, pick_device
 
         torch.set_num_threads(1)  # one actor per CPU: Ray sizes the pool, not torch
-        self.device = pick_device(use_gpu)
-        self.model = load_causal_lm(model_dir, trust_remote_code, DTYPES[dtype]).to(self.device).eval()
+        device = pick_device(use_gpu)
+        model = load_causal_lm(model_dir, trust_remote_code, DTYPES[dtype]).to(device).eval()
+        self._attach(model, k, temperature, vocab_size, block_size, mode, generation, eos_id, pad_id)
+
+    @classmethod
+    def from_model(cls, model, k: int, temperature: float, vocab_size: int,
+                   block_size: int | None = None) -> "HFLabeler":
+        """A soft labeler around a model already loaded (the teacher stage's L_T)."""
+        labeler = cls.__new__(cls)
+        labeler._attach(model.eval(), k, temperature, vocab_size, block_size, "soft", "", None, None)
+        return labeler
+
+    def _attach(self, model, k: int, temperature: float, vocab_size: int, block_size: int | None,
+                mode: str, generation: str, eos_id: int | None, pad_id: int | None) -> None:
+        self.model, self.device = model, model.device
         self.k, self.temperature, self.vocab = k, temperature, vocab_size
+        self.block_size, self.mode = block_size, mode
+        self.max_positions = getattr(self.model.config, "max_position_embeddings", None)
+        self.gen = json.loads(generation) if mode != "soft" else {}
+        if mode != "soft":
+            if eos_id is None:
+                raise ValueError("hard-label modes need the tokenizer's eos_id (generation stops there)")
+            self.eos, self.pad = eos_id, eos_id if pad_id is None else pad_id
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ids = torch.from_numpy(np.stack(batch["input_ids"]).astype(np.int64)).to(self.device)
+        rows = [np.asarray(r).reshape(-1) for r in batch["input_ids"]]
+        t = self.block_size or max(r.size for r in rows)
+        needed = (self.gen["prompt_tokens"] + self.gen["max_new_tokens"]) if self.gen else None
+        errors = [block_problem(r, t, self.vocab, self.max_positions, needed) for r in rows]
+        good = [i for i, e in enumerate(errors) if not e]
+        k = 0 if self.mode == "hard" else min(self.k, self.vocab)
+        out = empty_columns(len(rows), t, k)
+        if good:
+            ids = torch.from_numpy(np.stack([rows[i] for i in good]).astype(np.int64)).to(self.device)
+            part = (self._soft(ids) if self.mode == "soft"
+                    else self._hard(ids, [str(batch["block_id"][i]) for i in good], k))
+            for name, value in part.items():
+                if len(good) == len(rows):  # the usual case: no copy into the zero-filled columns
+                    out[name] = np.asarray(value, out[name].dtype)
+                else:
+                    out[name][good] = value
+        result = dict(batch)
+        result.update(out, error=np.array(errors, dtype=object))
+        return result
+
+    def _soft(self, ids: torch.Tensor) -> dict[str, np.ndarray]:
+        """Teacher forcing: top-k at every position and the NLL of the real next tokens."""
         logits = self.model(input_ids=ids[:, :-1]).logits[..., : self.vocab].float()
         b, p, v = logits.shape
         flat = logits.reshape(b * p, v)
@@ -38,12 +92,74 @@ class HFLabeler:
         target_logit = flat.gather(-1, ids[:, 1:].reshape(-1, 1)).squeeze(-1)
         nll = (lse - target_logit).view(b, p).mean(-1)
         k = labels.ids.shape[-1]
-        out = dict(batch)
-        out.update(
-            input_ids=np.stack(batch["input_ids"]).astype(np.int32),
-            topk_ids=labels.ids.view(b, p * k).to(torch.int32).cpu().numpy(),
-            topk_logprobs=labels.logprobs.view(b, p * k).to(torch.float16).cpu().numpy(),
-            rest_logprob=labels.rest.view(b, p).to(torch.float16).cpu().numpy(),
-            teacher_nll=nll.to(torch.float32).cpu().numpy(),
-        )
-        return out
+        return {"input_ids": ids.to(torch.int32).cpu().numpy(),
+                "topk_ids": labels.ids.view(b, p * k).to(torch.int32).cpu().numpy(),
+                "topk_logprobs": labels.logprobs.view(b, p * k).to(torch.float16).cpu().numpy(),
+                "rest_logprob": labels.rest.view(b, p).to(torch.float16).cpu().numpy(),
+                "teacher_nll": nll.to(torch.float32).cpu().numpy()}
+
+    def _hard(self, ids: torch.Tensor, block_ids: list[str], k: int) -> dict[str, np.ndarray]:
+        """Generate from each block's prompt; rows = prompt + generation, padded to T."""
+        b, t = ids.shape
+        p0, new = self.gen["prompt_tokens"], self.gen["max_new_tokens"]
+        prompts = ids[:, :p0]
+        out = self.model(input_ids=prompts, use_cache=True)
+        prompt_logits = out.logits[:, :-1, : self.vocab].float()
+        nll = (torch.logsumexp(prompt_logits, -1)
+               - prompt_logits.gather(-1, prompts[:, 1:, None]).squeeze(-1)).mean(-1)
+        gens = None
+        if self.gen["sampling"] == "sample":
+            gens = [torch.Generator().manual_seed(generation_seed(self.gen["seed"], bid))
+                    for bid in block_ids]
+        tokens = torch.full((b, new), self.pad, dtype=torch.long, device=self.device)
+        lengths = torch.full((b,), new, dtype=torch.long, device=self.device)
+        done = torch.zeros(b, dtype=torch.bool, device=self.device)
+        steps_topk = []
+        logits, past = out.logits[:, -1, : self.vocab].float(), out.cache
+        for step in range(new):
+            if k:
+                steps_topk.append(topk_labels(logits, k, self.temperature))
+            nxt = torch.where(done, torch.full_like(lengths, self.pad), self._choose(logits, gens))
+            tokens[:, step] = nxt
+            ended = (nxt == self.eos) & ~done
+            lengths[ended] = step + 1
+            done |= ended
+            if bool(done.all()) or step == new - 1:
+                break
+            out = self.model(input_ids=nxt[:, None], cache=past, use_cache=True)
+            logits, past = out.logits[:, -1, : self.vocab].float(), out.cache
+        return self._hard_rows(prompts, tokens, lengths, steps_topk, nll, t, k)
+
+    def _choose(self, logits: torch.Tensor, gens: list[torch.Generator] | None) -> torch.Tensor:
+        """Greedy argmax, or a sample at the generation temperature within top-p (per-row seeds)."""
+        if gens is None:
+            return logits.argmax(-1)
+        probs = torch.softmax(logits / self.gen["temperature"], -1).cpu()
+        sorted_p, order = probs.sort(-1, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        outside = (sorted_p.cumsum(-1) - sorted_p) >= self.gen["top_p"]
+        sorted_p = sorted_p.masked_fill(outside, 0.0)
+        picks = [order[i, torch.multinomial(sorted_p[i], 1, generator=g)] for i, g in enumerate(gens)]
+        return torch.cat(picks).to(logits.device)
+
+    def _hard_rows(self, prompts, tokens, lengths, steps_topk, nll, t: int, k: int) -> dict:
+        b, p0 = prompts.shape
+        rows = torch.full((b, t), self.pad, dtype=torch.long, device=prompts.device)
+        rows[:, :p0] = prompts
+        rows[:, p0:p0 + tokens.shape[1]] = tokens  # finished rows already hold pad after EOS
+        result = {"input_ids": rows.to(torch.int32).cpu().numpy(),
+                  "teacher_nll": nll.to(torch.float32).cpu().numpy(),
+                  "loss_from": np.full(b, p0 - 1, np.int32),
+                  "length": (p0 + lengths).to(torch.int32).cpu().numpy()}
+        if k:
+            f_ids, f_lp, f_rest = filler_topk(b * (t - 1), k)
+            top_ids, top_lp = f_ids.reshape(b, t - 1, k), f_lp.reshape(b, t - 1, k)
+            rest = f_rest.reshape(b, t - 1)
+            for step, lab in enumerate(steps_topk):  # step i is predicted at position p0-1+i
+                top_ids[:, p0 - 1 + step] = lab.ids.to(torch.int32).cpu().numpy()
+                top_lp[:, p0 - 1 + step] = lab.logprobs.cpu().numpy()
+                rest[:, p0 - 1 + step] = lab.rest.cpu().numpy()
+            result.update(topk_ids=top_ids.reshape(b, -1),
+                          topk_logprobs=top_lp.reshape(b, -1).astype(np.float16),
+                          rest_logprob=rest.astype(np.float16))
+        return result

@@ -31,6 +31,15 @@ Conventions (read from vLLM's source: ``vllm/logprobs.py``, ``vllm/v1/engine/log
   mass otherwise sits in the rest bucket.
 * **Count**: vLLM returns exactly K entries per position once ``max_logprobs`` ≥ K; fewer
   (or more than K+1) is an error, never padded.
+
+Hard modes (``label.mode: hard`` / ``hard+soft``) send the first ``prompt_tokens`` of each
+block with :func:`generation_kwargs` (``max_tokens=max_new_tokens``, greedy or sampled with
+a per-block seed, ``logprobs=K`` for hard+soft, ``prompt_logprobs=0``, ``stop_token_ids=[eos]``).
+``CompletionOutput.token_ids`` is the generation; ``CompletionOutput.logprobs`` holds one
+dict per generated token shaped like a prompt position (top K plus the sampled token), so
+:func:`prompt_logprobs_to_arrays` converts it too; ``prompt_logprobs=0`` gives the real
+prompt tokens' log-probs only: the teacher's NLL of the prompt, as in the HF backend.
+(Written from vLLM's documented output shapes; not yet run on a GPU.)
 """
 
 from __future__ import annotations
@@ -38,7 +47,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import json
+
 import numpy as np
+
+from distill.teachers.common import block_problem, empty_columns, filler_topk, generation_seed
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -216,24 +229,60 @@ def _logsumexp(x: np.ndarray) -> np.ndarray:
     return (top + np.log(np.exp(x - top).sum(axis=1, keepdims=True)))[:, 0]
 
 
-def stack_blocks(input_ids: Any, block_ids: Sequence, max_len: int | None = None) -> np.ndarray:
-    """The batch's blocks as int32 [B, T]; a block that cannot be labeled raises naming it.
+def generation_kwargs(gen: dict, k: int, eos_id: int, seed: int | None) -> dict[str, Any]:
+    """Arguments of ``vllm.SamplingParams`` for one hard-label request (``gen``: the label
+    settings' generation JSON, decoded; ``k`` = 0 for hard labels without log-probs)."""
+    sampled = gen["sampling"] == "sample"
+    kwargs = {"max_tokens": gen["max_new_tokens"], "temperature": gen["temperature"] if sampled else 0.0,
+              "top_p": gen["top_p"] if sampled else 1.0, "prompt_logprobs": 0,
+              "stop_token_ids": [eos_id], "detokenize": False}
+    if sampled:
+        kwargs["seed"] = seed
+    if k:
+        kwargs["logprobs"] = k
+    return kwargs
 
-    (Per-example errors abort the batch for now; an error table that keeps the good
-    blocks of a batch is future work.)
-    """
-    rows = [np.asarray(r).reshape(-1) for r in input_ids]
-    for row, block in zip(rows, block_ids):
-        if row.size < 2:
-            raise ValueError(f"block {block}: {row.size} token(s), nothing to label (needs ≥ 2)")
-        if max_len is not None and row.size > max_len:
-            raise ValueError(f"block {block}: {row.size} tokens exceed the vLLM engine's "
-                             f"max_model_len of {max_len}; raise max_model_len or shorten blocks")
-    lengths = {row.size for row in rows}
-    if len(lengths) > 1:
-        raise ValueError(f"blocks {list(block_ids)} have different lengths {sorted(lengths)}; "
-                         f"a batch must hold blocks of one length")
-    return np.stack(rows).astype(np.int32)
+
+def prompt_nll(prompt_logprobs: Sequence[Mapping | None], prompt_ids: Sequence[int]) -> float:
+    """Mean NLL of the real prompt tokens 1..n-1 from ``prompt_logprobs`` (``prompt_logprobs=0``)."""
+    ids = [int(t) for t in prompt_ids]
+    lps = []
+    for j in range(1, len(ids)):
+        entries = prompt_logprobs[j] or {}
+        if ids[j] not in entries:
+            raise ValueError(f"prompt position {j}: the actual token {ids[j]} is missing from the "
+                             f"log-probs")
+        lps.append(entries[ids[j]].logprob)
+    return float(-np.mean(lps)) if lps else float("nan")
+
+
+def generation_to_row(prompt: np.ndarray, gen_ids: Sequence[int], gen_logprobs: Sequence | None,
+                      k: int, vocab_size: int, block_size: int, pad_id: int) -> dict[str, Any]:
+    """One completion → one training row: ``input_ids`` [T] = prompt + generation, padded;
+    ``loss_from`` = len(prompt)-1, ``length`` = len(prompt) + len(generation); with ``k`` the
+    top-k [(T-1)·K] of each generated position (filler elsewhere) and ``rest`` [T-1]."""
+    p0, gen = prompt.size, np.asarray(list(gen_ids), np.int64)
+    if p0 + gen.size > block_size:
+        raise ValueError(f"prompt {p0} + generation {gen.size} tokens exceed the block size {block_size}")
+    if gen.size and ((gen < 0) | (gen >= vocab_size)).any():
+        raise ValueError(f"generated token id {int(gen[(gen < 0) | (gen >= vocab_size)][0])} lies "
+                         f"outside the vocabulary of {vocab_size}")
+    row = np.full(block_size, pad_id, np.int32)
+    row[:p0], row[p0:p0 + gen.size] = prompt, gen
+    out = {"input_ids": row, "loss_from": p0 - 1, "length": p0 + gen.size}
+    if k:
+        ids, lps, rest = filler_topk(block_size - 1, k)
+        if gen.size:
+            if gen_logprobs is None or len(gen_logprobs) != gen.size:
+                raise ValueError(f"{0 if gen_logprobs is None else len(gen_logprobs)} generated "
+                                 f"log-prob entries for {gen.size} generated tokens")
+            # as a "prompt" [last prompt token, g_0..g_{n-1}]: entry i+1 predicts g_i
+            g_ids, g_lp, g_rest, _ = prompt_logprobs_to_arrays(
+                [None, *gen_logprobs], np.concatenate([prompt[-1:], gen]), k, vocab_size)
+            at = slice(p0 - 1, p0 - 1 + gen.size)
+            ids[at], lps[at], rest[at] = g_ids, g_lp, g_rest
+        out.update(topk_ids=ids.reshape(-1), topk_logprobs=lps.reshape(-1), rest_logprob=rest)
+    return out
 
 
 def assemble_labels(batch: dict[str, np.ndarray], ids: np.ndarray, prompt_logprobs: Sequence,
@@ -262,51 +311,107 @@ def assemble_labels(batch: dict[str, np.ndarray], ids: np.ndarray, prompt_logpro
 class VLLMLabeler:
     """Callable class for Ray Data ``map_batches``: one vLLM engine per actor (GPU only).
 
-    Same contract as :class:`distill.teachers.hf.HFLabeler`. Input batch: ``block_id`` [B],
-    ``input_ids`` [B, T] (2-D or an object array of arrays). Output adds ``topk_ids`` int32
-    and ``topk_logprobs`` float16 [B, (T-1)·K], ``rest_logprob`` float16 [B, T-1],
-    ``teacher_nll`` float32 [B], and returns ``input_ids`` as int32 [B, T].
+    Same contract as :class:`distill.teachers.hf.HFLabeler` (modes, output columns, the
+    ``error`` column of blocks that cannot be labeled). Input batch: ``block_id`` [B],
+    ``input_ids`` [B, T] (2-D or an object array of arrays).
 
     ``max_model_len`` defaults to the model's own (a block may be as long as it);
     ``tensor_parallel_size`` > 1 makes vLLM start its own workers, so the Ray actor must then
-    be given that many GPUs (``label.gpus_per_actor``).
+    be given that many GPUs (``label.gpus_per_actor``; the config checks it).
     """
 
     def __init__(self, model_dir: str, k: int, temperature: float, vocab_size: int,
                  dtype: str = "bfloat16", trust_remote_code: bool = False,
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.85,
                  max_model_len: int | None = None, skip_tokenizer_init: bool = True,
-                 enforce_eager: bool = False):
-        check_settings(temperature, k, vocab_size, dtype, tensor_parallel_size,
-                       gpu_memory_utilization)
+                 enforce_eager: bool = False, block_size: int | None = None, mode: str = "soft",
+                 generation: str = "", eos_id: int | None = None, pad_id: int | None = None):
+        check_settings(temperature, k if mode != "hard" else 1, vocab_size, dtype,
+                       tensor_parallel_size, gpu_memory_utilization)
         from vllm import LLM, SamplingParams  # GPU-only extra: imported here, never at import
 
-        llm = LLM(**engine_kwargs(model_dir, k, dtype, trust_remote_code, tensor_parallel_size,
+        llm = LLM(**engine_kwargs(model_dir, max(k, 1), dtype, trust_remote_code, tensor_parallel_size,
                                   gpu_memory_utilization, max_model_len, skip_tokenizer_init,
                                   enforce_eager))
         flat = "flat_logprobs" in getattr(SamplingParams, "__struct_fields__", ())
-        params = SamplingParams(**sampling_kwargs(k, flat_logprobs=flat))
-        self._attach(llm, params, k, vocab_size, llm.llm_engine.model_config.max_model_len)
+        params = SamplingParams(**sampling_kwargs(k, flat_logprobs=flat)) if mode == "soft" else None
+        self._attach(llm, params, k, vocab_size, llm.llm_engine.model_config.max_model_len,
+                     block_size, mode, generation, eos_id, pad_id, SamplingParams)
 
     @classmethod
     def from_engine(cls, llm: Any, params: Any, k: int, vocab_size: int,
-                    max_model_len: int | None = None) -> "VLLMLabeler":
-        """A labeler around an engine already built (reuse across calls, tests)."""
+                    max_model_len: int | None = None, block_size: int | None = None,
+                    mode: str = "soft", generation: str = "", eos_id: int | None = None,
+                    pad_id: int | None = None, params_class: Any = dict) -> "VLLMLabeler":
+        """A labeler around an engine already built (reuse across calls, tests).
+        ``params_class`` builds a hard mode's per-request sampling parameters."""
         labeler = cls.__new__(cls)
-        labeler._attach(llm, params, k, vocab_size, max_model_len)
+        labeler._attach(llm, params, k, vocab_size, max_model_len, block_size, mode, generation,
+                        eos_id, pad_id, params_class)
         return labeler
 
-    def _attach(self, llm: Any, params: Any, k: int, vocab_size: int,
-                max_len: int | None) -> None:
+    def _attach(self, llm: Any, params: Any, k: int, vocab_size: int, max_len: int | None,
+                block_size: int | None, mode: str, generation: str, eos_id: int | None,
+                pad_id: int | None, params_class: Any) -> None:
         self.llm, self.params, self.k = llm, params, k
-        self.vocab, self.max_len = vocab_size, max_len
+        self.vocab, self.max_len, self.block_size, self.mode = vocab_size, max_len, block_size, mode
+        self.gen = json.loads(generation) if mode != "soft" else {}
+        if mode != "soft" and eos_id is None:
+            raise ValueError("hard-label modes need the tokenizer's eos_id (generation stops there)")
+        self.eos, self.pad = eos_id, eos_id if pad_id is None else pad_id
+        self.params_class = params_class
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ids = stack_blocks(batch["input_ids"], batch["block_id"], self.max_len)
+        rows = [np.asarray(r).reshape(-1) for r in batch["input_ids"]]
+        t = self.block_size or max(r.size for r in rows)
+        needed = (self.gen["prompt_tokens"] + self.gen["max_new_tokens"]) if self.gen else None
+        errors = [block_problem(r, t, self.vocab, self.max_len, needed, "max_model_len") for r in rows]
+        good = [i for i, e in enumerate(errors) if not e]
+        k = 0 if self.mode == "hard" else self.k
+        out = empty_columns(len(rows), t, k)
+        if good:
+            ids = np.stack([rows[i] for i in good]).astype(np.int32)
+            blocks = [str(batch["block_id"][i]) for i in good]
+            part = self._soft(ids, blocks) if self.mode == "soft" else self._hard(ids, blocks, k)
+            for name, value in part.items():
+                if len(good) == len(rows):  # the usual case: no copy into the zero-filled columns
+                    out[name] = np.asarray(value, out[name].dtype)
+                else:
+                    out[name][good] = value
+        result = dict(batch)
+        result.update(out, error=np.array(errors, dtype=object))
+        return result
+
+    def _soft(self, ids: np.ndarray, blocks: list[str]) -> dict[str, np.ndarray]:
         prompts = [{"prompt_token_ids": row.tolist()} for row in ids]
         outputs = self.llm.generate(prompts, self.params, use_tqdm=False)  # in prompt order
-        for out, row, block in zip(outputs, ids, batch["block_id"]):
+        self._check_order(outputs, ids, blocks)
+        labels = assemble_labels({"block_id": np.array(blocks)}, ids,
+                                 [o.prompt_logprobs for o in outputs], self.k, self.vocab)
+        return {c: labels[c] for c in ("input_ids", "topk_ids", "topk_logprobs", "rest_logprob",
+                                       "teacher_nll")}
+
+    def _hard(self, ids: np.ndarray, blocks: list[str], k: int) -> dict[str, np.ndarray]:
+        p0 = self.gen["prompt_tokens"]
+        prompts = [{"prompt_token_ids": row[:p0].tolist()} for row in ids]
+        params = [self.params_class(**generation_kwargs(self.gen, k, self.eos,
+                                                        generation_seed(self.gen["seed"] or 0, b)))
+                  for b in blocks]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        self._check_order(outputs, ids[:, :p0], blocks)
+        rows = []
+        for out, row, block in zip(outputs, ids, blocks):
+            done = out.outputs[0]
+            try:
+                rows.append({**generation_to_row(row[:p0], done.token_ids, done.logprobs, k,
+                                                 self.vocab, ids.shape[1], self.pad),
+                             "teacher_nll": prompt_nll(out.prompt_logprobs, row[:p0])})
+            except ValueError as err:
+                raise ValueError(f"block {block}: {err}") from err
+        return {c: np.stack([np.asarray(r[c]) for r in rows]) for c in rows[0]}
+
+    @staticmethod
+    def _check_order(outputs: Sequence, prompts: np.ndarray, blocks: list[str]) -> None:
+        for out, row, block in zip(outputs, prompts, blocks):
             if list(out.prompt_token_ids) != row.tolist():
                 raise RuntimeError(f"block {block}: vLLM answered for another prompt")
-        plps = [o.prompt_logprobs for o in outputs]
-        return assemble_labels(batch, ids, plps, self.k, self.vocab)

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from distill.blocks import pack_blocks, read_blocks, write_block_shards
+from distill.blocks import block_id, pack_blocks, pack_blocks_stable, read_blocks, write_block_shards
 from distill.corpus import CorpusError, load_documents, normalise, split_by_hash, stdlib_files
 from distill.io import sha256_file, sha256_tree
 from distill.tokenizer import train_bpe
@@ -104,3 +104,63 @@ def test_corrupt_shard_names_its_file(tmp_path):
     (tmp_path / "s" / "shard-00000.parquet").write_bytes(b"not parquet")
     with pytest.raises(ValueError, match="shard-00000.parquet: corrupt"):
         read_blocks(tmp_path / "s")
+
+
+def _docs(n, seed=0):
+    rng = np.random.default_rng(seed)
+    docs = [rng.integers(1, 500, rng.integers(3, 60)).tolist() for _ in range(n)]
+    return docs, [f"{rng.integers(0, 2**63):016x}{i:048x}" for i in range(n)]
+
+
+def test_stable_packing_keeps_blocks_when_documents_are_added():
+    """Adding 10 % documents leaves most old blocks unchanged (positional packing: almost none)."""
+    docs, hashes = _docs(200)
+    new_docs, new_hashes = _docs(20, seed=1)
+    before = {block_id(b) for b in pack_blocks_stable(docs, hashes, 0, 16, tail_buckets=16)}
+    after = pack_blocks_stable(docs + new_docs, hashes + new_hashes, 0, 16, tail_buckets=16)
+    after_ids = {block_id(b) for b in after}
+    kept = len(before & after_ids) / len(before)
+    assert kept > 0.8, kept
+    positional = ({block_id(b) for b in pack_blocks(docs, 0, 16)}
+                  & {block_id(b) for b in pack_blocks(docs[:100] + new_docs + docs[100:], 0, 16)})
+    assert len(positional) / len(before) < 0.7
+    # every document's full blocks are its own: those of the old documents never change
+    own = {block_id(b) for d in docs for b in pack_blocks([d], 0, 16)}
+    assert own <= after_ids and own <= before
+
+
+def test_stable_packing_ignores_document_order_and_covers_tokens():
+    docs, hashes = _docs(50)
+    a = pack_blocks_stable(docs, hashes, 0, 8, tail_buckets=4)
+    order = np.random.default_rng(3).permutation(50)
+    b = pack_blocks_stable([docs[i] for i in order], [hashes[i] for i in order], 0, 8, tail_buckets=4)
+    assert np.array_equal(a, b) and a.dtype == np.int32 and a.shape[1] == 8
+    total = sum(len(d) + 1 for d in docs)
+    assert total - 4 * 8 < a.size <= total  # at most one partial block lost per bucket
+    one = pack_blocks_stable([[1, 2, 3, 4, 5, 6, 7]], ["ab" * 32], 0, 4, tail_buckets=4)
+    assert one.tolist() == [[1, 2, 3, 4], [5, 6, 7, 0]]
+
+
+def test_stable_packing_drops_repeated_blocks():
+    doc = [5, 6, 7, 8] * 3
+    blocks = pack_blocks_stable([doc, doc + [1]], ["a" * 64, "b" * 64], 0, 4, tail_buckets=1)
+    assert len({tuple(b) for b in blocks.tolist()}) == len(blocks)
+
+
+def test_manifest_records_document_hashes(tmp_path, monkeypatch):
+    """prepare writes per-document hashes (origin, split, tokens) under ``documents``."""
+    from distill.config import build_config
+    from tasks.prepare import run
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"d{i}.txt").write_text(f"document number {i} " + "some words here " * (20 + i))
+    monkeypatch.chdir(tmp_path)
+    cfg = build_config({"data": {"source": str(corpus), "vocab_size": 300, "block_size": 16,
+                                 "val_fraction": 0.3, "tail_buckets": 4}})
+    manifest = run(cfg, tmp_path / "prepared")
+    hashes = manifest["documents"]["hashes"]
+    assert len(hashes) == manifest["documents"]["total"] == 12
+    assert {h["split"] for h in hashes.values()} == {"train", "val"}
+    assert all(h["origin"].endswith(".txt") and h["tokens"] > 0 for h in hashes.values())

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from distill.losses import topk_labels
 from distill.teachers.vllm import (VLLMLabeler, check_settings, engine_kwargs,
-                                   prompt_logprobs_to_arrays, sampling_kwargs, stack_blocks)
+                                   generation_kwargs, prompt_logprobs_to_arrays, sampling_kwargs)
 
 
 @dataclass
@@ -267,15 +267,6 @@ def test_engine_and_request_settings():
     assert sampling_kwargs(32, flat_logprobs=True)["flat_logprobs"] is True
 
 
-def test_blocks_that_cannot_be_labeled_are_named():
-    ok = stack_blocks(np.array([np.arange(5), np.arange(5)], dtype=object), ["a", "b"], 8)
-    assert ok.dtype == np.int32 and ok.shape == (2, 5)
-    with pytest.raises(ValueError, match="block b: 0 token"):
-        stack_blocks([np.arange(5), np.arange(0)], ["a", "b"])
-    with pytest.raises(ValueError, match="block a: 9 tokens exceed .* max_model_len of 8"):
-        stack_blocks([np.arange(9)], ["a"], 8)
-
-
 class FakeEngine:
     """Stands in for ``vllm.LLM``: runs an HF model and answers ``generate`` the vLLM way."""
 
@@ -284,6 +275,8 @@ class FakeEngine:
 
     @torch.inference_mode()
     def generate(self, prompts, params, use_tqdm=True):
+        if isinstance(params, list):  # hard modes: one SamplingParams (here: its kwargs) each
+            return [self.complete(p, q) for p, q in zip(prompts, params)]
         outs = []
         for prompt in prompts:
             block = torch.tensor(prompt["prompt_token_ids"])
@@ -292,6 +285,28 @@ class FakeEngine:
                                         prompt_logprobs=vllm_prompt_logprobs(logits, block, self.k,
                                                                              self.form)))
         return outs
+
+    def complete(self, prompt, params):
+        """A greedy completion as vLLM returns it: ``outputs[0].token_ids`` (the stop token
+        included), ``.logprobs`` one dict per generated token (top k + the chosen token,
+        new-style ranks), and ``prompt_logprobs`` with the actual tokens only (``=0``)."""
+        assert params["temperature"] == 0.0 and params["prompt_logprobs"] == 0
+        ids = list(prompt["prompt_token_ids"])
+        logp = F.log_softmax(self.model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+        prompt_lps = [None] + [{ids[j]: Logprob(float(logp[j - 1, ids[j]]), 1)} for j in range(1, len(ids))]
+        gen, gen_lps = [], []
+        for _ in range(params["max_tokens"]):
+            row = F.log_softmax(self.model(input_ids=torch.tensor([ids + gen])).logits[0, -1].float(), -1)
+            token = int(row.argmax())
+            if "logprobs" in params:
+                gen_lps.append(new_style(*vllm_position(row, token, params["logprobs"]),
+                                         params["logprobs"]))
+            gen.append(token)
+            if token in params["stop_token_ids"]:
+                break
+        return SimpleNamespace(prompt_token_ids=ids, prompt_logprobs=prompt_lps,
+                               outputs=[SimpleNamespace(token_ids=gen,
+                                                        logprobs=gen_lps if gen_lps else None)])
 
 
 @pytest.mark.parametrize("form", ["new", "flat"])
@@ -322,6 +337,86 @@ def test_labeler_output_contract_matches_hf_backend(tmp_path, form):
                        hf["topk_logprobs"].astype(np.float32), atol=2e-3)
     assert_rest_close(out["rest_logprob"], hf["rest_logprob"], mass_atol=2e-6, log_atol=2e-2)
     assert np.allclose(out["teacher_nll"], hf["teacher_nll"], atol=1e-4)
+
+
+def tiny_teacher(path, v=64, t=16):
+    from distill.config import ModelConfig
+    from distill.models import build_llama
+
+    model = build_llama(ModelConfig(layers=1, d_model=32, heads=2), v, t, seed=0)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(10)
+    model.save_pretrained(path, safe_serialization=True)
+    return model
+
+
+@pytest.mark.parametrize("mode", ["hard", "hard+soft"])
+def test_hard_labels_match_hf_backend(tmp_path, mode):
+    """Greedy generations in vLLM's CompletionOutput shape → the HF backend's hard-label rows."""
+    import json
+
+    from distill.teachers.hf import HFLabeler
+
+    v, t, k, eos = 64, 16, 8, 1
+    tiny_teacher(tmp_path, v, t)
+    gen = json.dumps({"prompt_tokens": 4, "max_new_tokens": 9, "sampling": "greedy",
+                      "temperature": None, "top_p": None, "seed": None})
+    rng = np.random.default_rng(1)
+    batch = {"block_id": np.array(["a", "b", "c"]), "input_ids": rng.integers(2, v, (3, t)).astype(np.int32)}
+    hf_labeler = HFLabeler(str(tmp_path), k=k, temperature=1.0, vocab_size=v, block_size=t, mode=mode,
+                           generation=gen, eos_id=eos, pad_id=0)
+    hf = hf_labeler(dict(batch))
+    out = VLLMLabeler.from_engine(FakeEngine(hf_labeler.model, k, "new"), None, k, v, max_model_len=t,
+                                  block_size=t, mode=mode, generation=gen, eos_id=eos, pad_id=0)(dict(batch))
+    assert set(out) == set(hf)
+    for col in ("input_ids", "topk_ids", "topk_logprobs", "rest_logprob", "teacher_nll", "loss_from",
+                "length"):
+        assert out[col].dtype == hf[col].dtype and out[col].shape == hf[col].shape, col
+    assert np.array_equal(out["input_ids"], hf["input_ids"])
+    assert np.array_equal(out["length"], hf["length"]) and (out["loss_from"] == 3).all()
+    assert np.allclose(out["teacher_nll"], hf["teacher_nll"], atol=1e-4)
+    if mode == "hard+soft":
+        assert np.array_equal(out["topk_ids"], hf["topk_ids"])
+        assert np.allclose(out["topk_logprobs"].astype(np.float32), hf["topk_logprobs"].astype(np.float32),
+                           atol=2e-3)
+        assert_rest_close(out["rest_logprob"], hf["rest_logprob"], mass_atol=2e-6, log_atol=2e-2)
+    else:
+        assert out["topk_ids"].shape == (3, 0)
+
+
+def test_generation_request_settings():
+    greedy = {"prompt_tokens": 4, "max_new_tokens": 9, "sampling": "greedy", "temperature": None,
+              "top_p": None, "seed": None}
+    kw = generation_kwargs(greedy, 0, eos_id=7, seed=None)
+    assert kw["temperature"] == 0.0 and kw["max_tokens"] == 9 and kw["stop_token_ids"] == [7]
+    assert "logprobs" not in kw and "seed" not in kw and kw["prompt_logprobs"] == 0
+    sampled = {**greedy, "sampling": "sample", "temperature": 0.7, "top_p": 0.9, "seed": 3}
+    kw = generation_kwargs(sampled, 8, eos_id=7, seed=1234)
+    assert (kw["temperature"], kw["top_p"], kw["seed"], kw["logprobs"]) == (0.7, 0.9, 1234, 8)
+
+
+def test_blocks_that_cannot_be_labeled_become_error_rows(tmp_path):
+    """Empty, wrong-length and too-long blocks come back with a reason; the others are labeled."""
+    from distill.teachers.hf import HFLabeler
+
+    v, t, k = 64, 16, 8
+    tiny_teacher(tmp_path, v, t)
+    hf_labeler = HFLabeler(str(tmp_path), k=k, temperature=1.0, vocab_size=v, block_size=t)
+    rng = np.random.default_rng(0)
+    batch = {"block_id": np.array(["ok", "empty", "short", "bad"]),
+             "input_ids": np.array([rng.integers(0, v, t), np.arange(0), np.arange(5),
+                                    np.full(t, v + 3)], dtype=object)}
+    labeler = VLLMLabeler.from_engine(FakeEngine(hf_labeler.model, k, "new"), None, k, v,
+                                      max_model_len=t, block_size=t)
+    out = labeler(dict(batch))
+    assert out["error"][0] == ""
+    assert out["error"][1].startswith("empty") and "length 5 differs" in out["error"][2]
+    assert "token id 67 outside the vocabulary of 64" in out["error"][3]
+    hf = hf_labeler({k_: v_[:1] for k_, v_ in batch.items()})
+    assert np.array_equal(out["topk_ids"][0], hf["topk_ids"][0])
+    long = VLLMLabeler.from_engine(FakeEngine(hf_labeler.model, k, "new"), None, k, v,
+                                   max_model_len=t - 4, block_size=t)(dict(batch))
+    assert "too long for the teacher: 16 tokens exceed its max_model_len of 12" in long["error"][0]
 
 
 def test_module_imports_without_vllm():
