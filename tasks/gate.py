@@ -39,6 +39,7 @@ def run(cfg: Config, out: Path = DECISION, map_path: Path = DECISION_MAP) -> dic
         result["decision"] = cfg.gate.force
         result["reason"] = (f"forced by gate.force = {cfg.gate.force} (the law said "
                             f"{result['law_decision']}: {result['reason']})")
+    result["coefficients_quality"] = coefficient_quality(coefs)
     result["student"] = {"non_embedding_params": query.student_params, "tokens": query.student_tokens}
     result["teacher"] = {"fingerprint": teacher["fingerprint"], "val_loss": teacher["val_loss"],
                          "non_embedding_params": teacher["parameters"]["non_embedding"],
@@ -61,6 +62,17 @@ def coefficient_source(setting: str) -> str:
     if setting == "auto":
         return str(COEFFICIENTS) if COEFFICIENTS.is_file() else "paper"
     return setting
+
+
+def coefficient_quality(coefs) -> dict:
+    """How far to trust the coefficients: a calibrated set's held-out errors and point counts,
+    or the paper's own note (valid only at its scale)."""
+    keys = ("heldout_supervised", "heldout_distill", "supervised_points", "distillation_points",
+            "supervised_max_abs_rel_error", "distillation_max_abs_rel_error", "note")
+    quality = {k: coefs.quality[k] for k in keys if k in coefs.quality}
+    if coefs.name != "paper" and not any(k.startswith("heldout_") for k in quality):
+        quality["note"] = "no points were held out: the prediction error was not measured"
+    return quality
 
 
 def build_query(cfg: Config, teacher: dict, manifest: dict, calibrated: bool) -> GateQuery:

@@ -1,0 +1,556 @@
+"""Calibration: fit the gate's scaling laws on this project's own data.
+
+A sweep of small training runs — supervised students (sizes × token budgets) and distilled
+students (sizes × budgets × teachers) — each a plain in-process training loop in a Ray task,
+then the supervised law (Eq. 1) and the distillation law (Eq. 8) fitted to the measured
+validation losses with ``distill.law``'s procedure, their held-out error, bootstrap
+intervals, a coefficients JSON that ``load_coefficients`` reads and a PNG of the fits.
+
+Design choices (why):
+
+* Every point reuses the pipeline's own pieces: ``build_llama``, ``make_optimizer`` (AdamW,
+  warm-up + cosine), ``train_step``, ``build_loss`` and ``eval_step`` of
+  ``distill.training``, the pipeline's batch size, and the warm-up *share* of ``train`` (same
+  schedule shape at every budget). The learning rate is ``train.lr`` at the pipeline
+  student's width, scaled by ``(student.d_model / d_model) ^ lr_width_exponent``.
+* Distillation points train on exactly the loss of the pipeline's offline branch: top-k at
+  ``distill.top_k`` from the same labeler (``HFLabeler``: same ``topk_labels``, same float16
+  rounding as label shards), ``distill.alpha``, τ, divergence, z-loss. The labels are made
+  once per teacher *in memory* (a Ray task; the arrays go through Ray's object store to the
+  points) instead of on disk or online: a 4×128 teacher forward costs ~1.5× a 2×64 student
+  step on one CPU, and a sweep point revisits each block ~once per 1000 steps, so labeling
+  each block once is several times cheaper than an online teacher in every step.
+* Each point's result is stored under a content address (the point, the data's hashes, the
+  loss settings, the teacher's identity): a re-run skips finished points.
+
+No Prefect or DVC here; ``tasks/calibrate.py`` is the stage, ``flows/calibrate.py`` the flow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+import types
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from distill.config import (DISTILLATION_LAW_PARAMS, SUPERVISED_LAW_PARAMS, Config, DistillConfig,
+                            ModelConfig, OptimConfig, heldout_count, parse_steps, parse_student_sizes,
+                            parse_teachers)
+from distill.io import read_json, sha256_bytes, write_json
+from distill.law import (CoefficientSet, coefficient_set_from_fits, distillation_loss,
+                         fit_distillation, fit_supervised, heldout_error, save_coefficients,
+                         supervised_loss)
+
+STORE_FORMAT = 1  # bump when a stored point's meaning changes (old results are then not reused)
+KINDS = ("supervised", "distill")
+
+
+# ---------------------------------------------------------------------------- planning
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One training run of the sweep (picklable: it travels to a Ray task)."""
+
+    kind: str          # "supervised" or "distill"
+    layers: int
+    d_model: int
+    heads: int
+    steps: int
+    batch_size: int
+    lr: float
+    warmup_steps: int
+    min_lr_ratio: float
+    weight_decay: float
+    grad_clip: float
+    seed: int
+    teacher: str = ""  # distill: "pipeline" or "<layers>x<d_model>" of a supervised sweep model
+
+    @property
+    def size(self) -> str:
+        """``"<layers>x<d_model>"``."""
+        return f"{self.layers}x{self.d_model}"
+
+    def model(self) -> ModelConfig:
+        """The student's architecture (scratch Llama)."""
+        return ModelConfig(model="scratch", layers=self.layers, d_model=self.d_model, heads=self.heads)
+
+    def optim(self) -> OptimConfig:
+        """The optimiser settings (one final evaluation, no intermediate ones)."""
+        return OptimConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr,
+                           min_lr_ratio=self.min_lr_ratio, warmup_steps=self.warmup_steps,
+                           weight_decay=self.weight_decay, grad_clip=self.grad_clip,
+                           eval_every=self.steps)
+
+    def describe(self) -> str:
+        """A short human-readable name."""
+        who = f" <- {self.teacher}" if self.kind == "distill" else ""
+        return f"{self.kind} {self.size} {self.steps} steps{who}"
+
+
+def lr_for_width(cfg: Config, d_model: int) -> float:
+    """``train.lr`` at the pipeline student's width, scaled by width^-lr_width_exponent."""
+    return cfg.train.lr * (cfg.student.d_model / d_model) ** cfg.calibrate.lr_width_exponent
+
+
+def warmup_for_steps(cfg: Config, steps: int) -> int:
+    """The pipeline's warm-up share of ``train.steps`` applied to ``steps`` (same schedule shape)."""
+    if cfg.train.warmup_steps == 0:
+        return 0
+    share = cfg.train.warmup_steps / cfg.train.steps
+    return min(steps - 1, max(1, round(share * steps)))
+
+
+def plan_points(cfg: Config) -> list[SweepPoint]:
+    """Supervised points (sizes × budgets), then distillation points (teachers × sizes × budgets)."""
+    cal = cfg.calibrate
+    sizes, budgets = parse_student_sizes(cal.students), parse_steps(cal.steps)
+    teachers = parse_teachers(cal.teachers, sizes)
+
+    def point(kind: str, layers: int, width: int, steps: int, teacher: str = "") -> SweepPoint:
+        return SweepPoint(kind=kind, layers=layers, d_model=width, heads=width // cal.head_dim,
+                          steps=steps, batch_size=cfg.train.batch_size, lr=lr_for_width(cfg, width),
+                          warmup_steps=warmup_for_steps(cfg, steps), min_lr_ratio=cfg.train.min_lr_ratio,
+                          weight_decay=cfg.train.weight_decay, grad_clip=cfg.train.grad_clip,
+                          seed=cfg.seed, teacher=teacher)
+
+    points = [point("supervised", layers, width, steps) for layers, width in sizes for steps in budgets]
+    points += [point("distill", layers, width, steps, teacher)
+               for teacher in teachers for layers, width in sizes for steps in budgets]
+    return points
+
+
+def teacher_point(points: list[SweepPoint], size: str) -> SweepPoint:
+    """The supervised sweep point reused as teacher ``size``: that size at the largest budget."""
+    candidates = [p for p in points if p.kind == "supervised" and p.size == size]
+    if not candidates:
+        raise ValueError(f"calibrate.teachers: no supervised point of size {size} in the sweep")
+    return max(candidates, key=lambda p: p.steps)
+
+
+# ---------------------------------------------------------------------------- keys and the store
+
+@dataclass(frozen=True)
+class SweepContext:
+    """What, besides the point, decides its result: the data, the evaluation, the loss, the teachers."""
+
+    data_hash: str
+    eval_blocks: int
+    loss: dict[str, Any]                 # distill settings + top_k (distillation points only)
+    pipeline_teacher: str                # fingerprint of the teacher stage's model
+
+    def teacher_identity(self, point: SweepPoint, points: list[SweepPoint]) -> str:
+        """The pipeline teacher's fingerprint, or the key of the sweep point that is the teacher."""
+        if point.teacher == "pipeline":
+            return f"pipeline:{self.pipeline_teacher}"
+        return f"sweep:{point_key(teacher_point(points, point.teacher), self, points)}"
+
+
+def point_key(point: SweepPoint, ctx: SweepContext, points: list[SweepPoint]) -> str:
+    """Content address of a point's result: same point, data, loss and teacher → same key."""
+    payload = {"format": STORE_FORMAT, "point": dataclasses.asdict(point), "data": ctx.data_hash,
+               "eval_blocks": ctx.eval_blocks}
+    if point.kind == "distill":
+        payload["loss"] = ctx.loss
+        payload["teacher"] = ctx.teacher_identity(point, points)
+    return sha256_bytes(json.dumps(payload, sort_keys=True).encode())[:20]
+
+
+def data_hash(manifest: dict) -> str:
+    """One hash over the prepared shards' content hashes and the tokenizer's."""
+    shards = [s["hash"] for split in ("train", "val") for s in manifest["splits"][split]["shards"]]
+    return sha256_bytes(json.dumps([shards, manifest["tokenizer"]["hash"]]).encode())[:20]
+
+
+def loss_settings(distill: DistillConfig) -> dict[str, Any]:
+    """The settings of the distillation loss that change a distilled student's loss."""
+    keys = ("alpha", "temperature", "divergence", "jsd_beta", "z_loss", "top_k")
+    return {k: getattr(distill, k) for k in keys}
+
+
+class PointStore:
+    """Finished points as ``<root>/points/<key>.json`` (written atomically, when complete), and
+    the models of supervised points reused as teachers under ``<root>/models/<key>/``."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def path(self, key: str) -> Path:
+        """The record file of ``key``."""
+        return self.root / "points" / f"{key}.json"
+
+    def get(self, key: str) -> dict | None:
+        """The stored record of ``key``, or None when the point has not finished."""
+        path = self.path(key)
+        return read_json(path) if path.is_file() else None
+
+    def put(self, key: str, record: dict) -> Path:
+        """Store a finished point's record (atomic: a killed run leaves no partial record)."""
+        return write_json(self.path(key), record)
+
+    def model_dir(self, key: str) -> Path:
+        """Where the model of a supervised point reused as a teacher is kept."""
+        return self.root / "models" / key
+
+
+# ---------------------------------------------------------------------------- one point
+
+@dataclass
+class SweepData:
+    """The prepared blocks every point trains and evaluates on."""
+
+    train: np.ndarray        # [n, T] int32
+    val: np.ndarray          # [m, T] int32, the first ``evaluate.max_blocks`` validation blocks
+    vocab_size: int
+    eos_id: int
+    pad_id: int | None
+    tokenizer_dir: str
+
+    @property
+    def block_size(self) -> int:
+        return int(self.train.shape[1])
+
+
+def load_sweep_data(prepared: Path, manifest: dict, eval_blocks: int) -> SweepData:
+    """Train blocks and the validation blocks the pipeline evaluates on (the same first ones)."""
+    from distill.blocks import read_blocks
+
+    _, train = read_blocks(prepared / "train")
+    _, val = read_blocks(prepared / "val", limit=eval_blocks)
+    tok = manifest["tokenizer"]
+    if len(train) == 0 or len(val) == 0:
+        raise ValueError(f"{prepared}: the sweep needs train and validation blocks "
+                         f"(found {len(train)} and {len(val)})")
+    return SweepData(train=np.ascontiguousarray(train, np.int32), val=np.ascontiguousarray(val, np.int32),
+                     vocab_size=tok["vocab_size"], eos_id=tok["eos_id"], pad_id=tok["pad_id"],
+                     tokenizer_dir=str((prepared / "tokenizer").resolve()))
+
+
+def batch_indices(n_blocks: int, batch_size: int, steps: int, seed: int) -> np.ndarray:
+    """[steps, batch] block indices: a fresh permutation per epoch, incomplete batches dropped."""
+    if n_blocks < batch_size:
+        raise ValueError(f"calibrate: {n_blocks} train blocks are fewer than one batch "
+                         f"(train.batch_size = {batch_size})")
+    per_epoch = n_blocks // batch_size
+    epochs = math.ceil(steps / per_epoch)
+    rows = [np.random.default_rng(seed + e).permutation(n_blocks)[: per_epoch * batch_size]
+            .reshape(per_epoch, batch_size) for e in range(epochs)]
+    return np.concatenate(rows)[:steps]
+
+
+def sparse_teacher(labels: dict, idx: np.ndarray):
+    """The stored top-k labels of blocks ``idx`` as the loss's ``SparseTeacher`` [B·(T-1), k]."""
+    from distill.losses import SparseTeacher
+
+    ids = torch.from_numpy(labels["topk_ids"][idx].astype(np.int64))
+    k = labels["k"]
+    return SparseTeacher(ids=ids.view(-1, k),
+                         logprobs=torch.from_numpy(labels["topk_logprobs"][idx].astype(np.float32)).view(-1, k),
+                         rest=torch.from_numpy(labels["rest_logprob"][idx].astype(np.float32)).view(-1))
+
+
+def train_point(point: SweepPoint, data: SweepData, loss: DistillConfig | None = None,
+                labels: dict | None = None, model_out: str = "", threads: int = 1) -> dict:
+    """Train one sweep point in this process and return its record (N, D, final val loss, ...).
+
+    ``labels`` (distillation): the teacher's top-k for every train block, from ``label_teacher``.
+    ``model_out``: also save the model there (HF format) to reuse it as a teacher."""
+    from distill.models import build_llama, count_parameters
+    from distill.training import build_loss, eval_step, make_optimizer, train_step
+
+    if (point.kind == "distill") != (labels is not None):
+        raise ValueError(f"{point.describe()}: distillation points need teacher labels, others none")
+    torch.set_num_threads(threads)
+    torch.manual_seed(point.seed)
+    started = time.perf_counter()
+    model = build_llama(point.model(), data.vocab_size, data.block_size, point.seed, data.eos_id, data.pad_id)
+    optimizer, scheduler = make_optimizer(model, point.optim())
+    # build_loss reads only ``.loss``: reusing it keeps the sweep's loss the pipeline's.
+    loss_fn = build_loss(types.SimpleNamespace(loss=loss if point.kind == "distill" else None))
+    train = torch.from_numpy(data.train.astype(np.int64))
+    for idx in batch_indices(len(data.train), point.batch_size, point.steps, point.seed):
+        ids = train[idx]
+        teacher = sparse_teacher(labels, idx) if labels is not None else None
+        train_step(model, loss_fn, optimizer, scheduler, (ids[:, :-1], ids[:, 1:], teacher),
+                   point.grad_clip, 1)
+    val_loss = eval_step(model, data.val, point.batch_size, torch.device("cpu"))
+    if not math.isfinite(val_loss):
+        raise FloatingPointError(f"{point.describe()}: non-finite validation loss {val_loss}")
+    if model_out:
+        save_sweep_model(model, data, Path(model_out))
+    record = {"point": dataclasses.asdict(point), "kind": point.kind, "size": point.size,
+              "N": count_parameters(model)["non_embedding"],
+              "D": point.steps * point.batch_size * (data.block_size - 1),
+              "L": val_loss, "seconds": time.perf_counter() - started}
+    if labels is not None:
+        record["L_T"] = labels["teacher_loss"]
+    if model_out:
+        record["model_dir"] = model_out
+    return record
+
+
+def save_sweep_model(model, data: SweepData, out: Path) -> None:
+    """Save a sweep model for reuse as a teacher; the folder appears only when complete."""
+    from distill.io import atomic_dir
+    from distill.models import save_model
+    from distill.tokenizer import load_tokenizer
+
+    with atomic_dir(out) as tmp:
+        save_model(model, load_tokenizer(data.tokenizer_dir), tmp)
+
+
+def label_teacher(teacher_dir: str, data: SweepData, top_k: int, temperature: float,
+                  batch_size: int = 32, threads: int = 1) -> dict:
+    """The teacher's top-k labels of every train block (as the label stage makes them) and its
+    validation loss L_T on the sweep's validation blocks."""
+    from distill.models import load_causal_lm
+    from distill.teachers.hf import HFLabeler
+    from distill.training import eval_step
+
+    labeler = HFLabeler(teacher_dir, top_k, temperature, data.vocab_size)
+    torch.set_num_threads(threads)
+    parts: dict[str, list[np.ndarray]] = {"topk_ids": [], "topk_logprobs": [], "rest_logprob": []}
+    for start in range(0, len(data.train), batch_size):
+        out = labeler({"input_ids": data.train[start:start + batch_size]})
+        for name in parts:
+            parts[name].append(out[name])
+    n, positions = len(data.train), data.block_size - 1
+    k = parts["topk_ids"][0].shape[1] // positions
+    labels = {"topk_ids": np.concatenate(parts["topk_ids"]).reshape(n, positions, k),
+              "topk_logprobs": np.concatenate(parts["topk_logprobs"]).reshape(n, positions, k),
+              "rest_logprob": np.concatenate(parts["rest_logprob"]).reshape(n, positions)}
+    teacher = load_causal_lm(teacher_dir)
+    labels["teacher_loss"] = eval_step(teacher, data.val, batch_size, torch.device("cpu"))
+    labels["k"] = k
+    return labels
+
+
+# ---------------------------------------------------------------------------- the sweep (Ray)
+
+@dataclass
+class SweepPlan:
+    """The points, their keys, and which are finished already."""
+
+    points: list[SweepPoint]
+    keys: list[str]
+    done: dict[str, dict]
+
+    @property
+    def pending(self) -> list[int]:
+        """Indices of points still to run."""
+        return [i for i, k in enumerate(self.keys) if k not in self.done]
+
+
+def plan_sweep(points: list[SweepPoint], ctx: SweepContext, store: PointStore) -> SweepPlan:
+    """Key every point and look up the finished ones in ``store``. A supervised point reused as
+    a teacher whose model is gone counts as unfinished while a point still needs that teacher."""
+    keys = [point_key(p, ctx, points) for p in points]
+    done = {k: r for k in keys if (r := store.get(k)) is not None}
+    needed = {p.teacher for p, k in zip(points, keys) if p.kind == "distill" and k not in done}
+    for size in needed - {"pipeline"}:
+        tkey = point_key(teacher_point(points, size), ctx, points)
+        if not store.model_dir(tkey).is_dir():
+            done.pop(tkey, None)
+    return SweepPlan(points, keys, done)
+
+
+def run_sweep(plan: SweepPlan, ctx: SweepContext, store: PointStore, data: SweepData,
+              loss: DistillConfig, pipeline_teacher_dir: str, cpus_per_point: float,
+              on_point: Callable[[SweepPoint, dict], None] | None = None) -> list[dict]:
+    """Run the pending points as Ray tasks (teachers' labels first, as Ray dependencies), store
+    each record as it arrives and call ``on_point``; returns every point's record, in plan order."""
+    import ray
+
+    threads = max(1, int(round(cpus_per_point)))
+    train_task = ray.remote(num_cpus=cpus_per_point, max_retries=0)(train_point)
+    label_task = ray.remote(num_cpus=cpus_per_point, max_retries=0)(_label_from)
+    data_ref = ray.put(data)
+    teacher_sizes = {p.teacher for p in plan.points if p.kind == "distill"} - {"pipeline"}
+    teacher_keys = {point_key(teacher_point(plan.points, s), ctx, plan.points): s for s in teacher_sizes}
+    running: dict[Any, int] = {}
+    sources: dict[str, Any] = {"pipeline": pipeline_teacher_dir}
+    # Teachers' supervised points first: their labels and distillation points wait on them.
+    for i in sorted(plan.pending, key=lambda i: plan.keys[i] not in teacher_keys):
+        point, key = plan.points[i], plan.keys[i]
+        if point.kind == "supervised":
+            out = str(store.model_dir(key).resolve()) if key in teacher_keys else ""
+            ref = train_task.remote(point, data_ref, None, None, out, threads)
+            running[ref] = i
+            if key in teacher_keys:
+                sources[teacher_keys[key]] = ref  # the label task waits for this model
+    for key, size in teacher_keys.items():
+        sources.setdefault(size, str(store.model_dir(key).resolve()))
+    labels = {}
+    for i in plan.pending:
+        point = plan.points[i]
+        if point.kind != "distill":
+            continue
+        if point.teacher not in labels:
+            labels[point.teacher] = label_task.remote(sources[point.teacher], data_ref, loss.top_k,
+                                                      loss.temperature, threads)
+        running[train_task.remote(point, data_ref, loss, labels[point.teacher], "", threads)] = i
+    records = dict(plan.done)
+    while running:
+        ready, _ = ray.wait(list(running), num_returns=1)
+        i = running.pop(ready[0])
+        record = {**ray.get(ready[0]), "key": plan.keys[i]}
+        store.put(plan.keys[i], record)
+        records[plan.keys[i]] = record
+        if on_point is not None:
+            on_point(plan.points[i], record)
+    return [records[k] for k in plan.keys]
+
+
+def _label_from(teacher: str | dict, data: SweepData, top_k: int, temperature: float, threads: int) -> dict:
+    """``label_teacher`` for a teacher folder, or for the record of the sweep point that saved one."""
+    teacher_dir = teacher if isinstance(teacher, str) else teacher["model_dir"]
+    return label_teacher(teacher_dir, data, top_k, temperature, threads=threads)
+
+
+# ---------------------------------------------------------------------------- the fit
+
+@dataclass
+class CalibrationFit:
+    """The fitted coefficient set and, per point, prediction and whether it was held out."""
+
+    coefficients: CoefficientSet
+    heldout: dict[str, dict]          # kind -> held-out error (mean_abs, max_abs, n)
+    points: list[dict] = field(default_factory=list)
+
+
+def split_heldout(records: list[dict], share: float) -> set[str]:
+    """Keys of the held-out points: per kind, the ``round(share·n)`` points whose keys (hashes,
+    so a pseudo-random but reproducible choice) sort first."""
+    held: set[str] = set()
+    for kind in KINDS:
+        keys = sorted(r["key"] for r in records if r["kind"] == kind)
+        held.update(keys[: heldout_count(len(keys), share)])
+    return held
+
+
+def _arrays(records: list[dict], names: tuple[str, ...]) -> list[np.ndarray]:
+    return [np.array([float(r[n]) for r in records]) for n in names]
+
+
+def fit_calibration(records: list[dict], heldout_share: float, n_starts: int = 32,
+                    n_bootstrap: int = 0, seed: int = 0, extra_quality: dict | None = None) -> CalibrationFit:
+    """Fit Eq. 1 on the kept supervised points, then Eq. 8 on the kept distillation points,
+    measure both on the held-out ones, and return the coefficient set (support = the fitted
+    points' ranges, quality = fit and held-out errors, bootstrap intervals, point counts)."""
+    held = split_heldout(records, heldout_share)
+    sup = [r for r in records if r["kind"] == "supervised" and r["key"] not in held]
+    dist = [r for r in records if r["kind"] == "distill" and r["key"] not in held]
+    _check_enough_points(sup, dist, heldout_share)
+    sup_fit = fit_supervised(*_arrays(sup, ("N", "D", "L")), n_starts=n_starts,
+                             n_bootstrap=n_bootstrap, seed=seed)
+    dist_fit = fit_distillation(*_arrays(dist, ("N", "D", "L_T", "L")), sup_fit.coefficients,
+                                n_starts=n_starts, n_bootstrap=n_bootstrap, seed=seed)
+    quality: dict[str, Any] = {"heldout_share": heldout_share, "bootstrap_resamples": n_bootstrap,
+                               **(extra_quality or {})}
+    coefs = coefficient_set_from_fits("calibrated", sup_fit, dist_fit, quality)
+    heldout = heldout_errors(coefs, [r for r in records if r["key"] in held])
+    coefs.quality.update({f"heldout_{kind}": err for kind, err in heldout.items()})
+    for name, fit in (("supervised", sup_fit), ("distillation", dist_fit)):
+        if fit.intervals is not None:
+            coefs.quality[f"{name}_intervals_95"] = {k: list(v) for k, v in fit.intervals.items()}
+    return CalibrationFit(coefs, heldout, predictions(coefs, records, held))
+
+
+def _check_enough_points(sup: list[dict], dist: list[dict], heldout_share: float) -> None:
+    """A law cannot be fitted to fewer points than it has coefficients: say which and what to change."""
+    for kind, kept, need in (("supervised", sup, SUPERVISED_LAW_PARAMS), ("distillation", dist, DISTILLATION_LAW_PARAMS)):
+        if len(kept) < need:
+            raise ValueError(f"calibrate: {len(kept)} {kind} points left to fit after holding out "
+                             f"calibrate.heldout_share = {heldout_share}, fewer than the {need} "
+                             f"coefficients of the {kind} law; add calibrate.students, calibrate.steps "
+                             f"or calibrate.teachers, or lower calibrate.heldout_share")
+
+
+def heldout_errors(coefs: CoefficientSet, held: list[dict]) -> dict[str, dict]:
+    """Relative prediction error of each law on its held-out points (kinds without any left out)."""
+    out = {}
+    sup = [r for r in held if r["kind"] == "supervised"]
+    dist = [r for r in held if r["kind"] == "distill"]
+    if sup:
+        out["supervised"] = heldout_error(coefs, *_arrays(sup, ("N", "D", "L")))
+    if dist:
+        n, d, l_t, loss = _arrays(dist, ("N", "D", "L_T", "L"))
+        out["distill"] = heldout_error(coefs, n, d, loss, L_T=l_t)
+    return out
+
+
+def predict_record(coefs: CoefficientSet, record: dict) -> float:
+    """The law's prediction for one point (supervised law, or distillation law with its L_T)."""
+    if record["kind"] == "supervised":
+        return float(supervised_loss(record["N"], record["D"], coefs.supervised))
+    return float(distillation_loss(record["N"], record["D"], record["L_T"], coefs))
+
+
+def predictions(coefs: CoefficientSet, records: list[dict], held: set[str]) -> list[dict]:
+    """Each record with the law's prediction, its relative error and whether it was held out."""
+    out = []
+    for r in records:
+        pred = predict_record(coefs, r)
+        out.append({**r, "predicted": pred, "relative_error": (pred - r["L"]) / r["L"],
+                    "heldout": r["key"] in held})
+    return out
+
+
+def write_calibration(fit: CalibrationFit, coefficients_path: Path, points_path: Path,
+                      plot_path: Path) -> None:
+    """The coefficients JSON (for the gate), every point with its prediction, and the PNG."""
+    save_coefficients(fit.coefficients, coefficients_path)
+    write_json(points_path, {"heldout": fit.heldout, "points": fit.points})
+    plot_calibration(fit, plot_path)
+
+
+# ---------------------------------------------------------------------------- plots
+
+def plot_calibration(fit: CalibrationFit, path: str | Path) -> Path:
+    """Two panels: measured loss vs tokens per size with the supervised law's curves, and the
+    same for distillation per (size, teacher) with Eq. 8's curves. Filled markers are fitted
+    points, open ones held out."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 4.8))
+    FigureCanvasAgg(fig)
+    coefs = fit.coefficients
+    for ax, kind in zip(fig.subplots(1, 2), KINDS):
+        groups: dict[tuple, list[dict]] = {}
+        for p in fit.points:
+            if p["kind"] == kind:
+                groups.setdefault((p["size"], p.get("L_T")), []).append(p)
+        for i, ((size, l_t), pts) in enumerate(sorted(groups.items(), key=lambda g: (g[0][0], g[0][1] or 0))):
+            color = f"C{i % 10}"
+            d = np.geomspace(min(p["D"] for p in pts) / 1.5, max(p["D"] for p in pts) * 1.5, 60)
+            n = pts[0]["N"]
+            curve = (supervised_loss(n, d, coefs.supervised) if kind == "supervised"
+                     else distillation_loss(n, d, l_t, coefs))
+            label = size if kind == "supervised" else f"{size} <- L_T {l_t:.3f}"
+            ax.plot(d, curve, color=color, linewidth=1, label=label)
+            for p in pts:
+                ax.plot(p["D"], p["L"], "o", color=color, markerfacecolor="none" if p["heldout"] else color)
+        ax.set_xscale("log")
+        ax.set_xlabel("student tokens D")
+        ax.set_ylabel("validation loss (nats/token)")
+        err = fit.heldout.get(kind)
+        title = f"{kind} law (Eq. {'1' if kind == 'supervised' else '8'})"
+        if err:
+            title += f": held-out mean |err| {100 * err['mean_abs']:.2f}%, max {100 * err['max_abs']:.2f}%"
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("calibration: points (open = held out) and fitted laws", fontsize=11)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=100)
+    return path
