@@ -1,0 +1,144 @@
+"""Champion / challenger logic against a real MLflow registry (sqlite in a temp folder)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from distill import registry
+from distill.registry import CHALLENGER, CHAMPION, Evaluation
+
+MODEL = "student-under-test"
+DATA_A, DATA_B = "aaaa1111.dir", "bbbb2222.dir"
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """A fresh sqlite store with one experiment; returns (client, experiment id)."""
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    client = registry.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("test", artifact_location=(tmp_path / "artifacts").as_uri())
+    return client, exp
+
+
+def new_version(client, exp) -> tuple[str, str]:
+    """A run and a model version registered from it (no model files needed by the registry)."""
+    run = client.create_run(exp)
+    if not client.search_registered_models(f"name='{MODEL}'"):
+        client.create_registered_model(MODEL)
+    version = client.create_model_version(MODEL, source=f"runs:/{run.info.run_id}/student",
+                                          run_id=run.info.run_id)
+    return str(version.version), run.info.run_id
+
+
+def alias_of(client, alias: str) -> str | None:
+    found = registry.current_version(client, MODEL, alias)
+    return None if found is None else str(found.version)
+
+
+def test_first_version_becomes_champion(store):
+    client, exp = store
+    version, run_id = new_version(client, exp)
+    outcome = registry.assign_alias(client, MODEL, version, Evaluation(3.0, DATA_A, 32), run_id)
+    assert outcome.alias == CHAMPION and outcome.reason == "no champion yet"
+    assert alias_of(client, CHAMPION) == version
+    run = client.get_run(run_id)
+    assert run.data.tags["distill.registry.alias"] == CHAMPION
+    assert run.data.tags["distill.registry.champion_before"] == "none"
+
+
+def test_worse_second_version_is_challenger_and_first_stays_champion(store, tmp_path):
+    client, exp = store
+    v1, r1 = new_version(client, exp)
+    registry.assign_alias(client, MODEL, v1, Evaluation(3.0, DATA_A, 32), r1)
+    v2, r2 = new_version(client, exp)
+    outcome = registry.assign_alias(client, MODEL, v2, Evaluation(3.5, DATA_A, 32), r2)
+    assert outcome.alias == CHALLENGER and outcome.comparable and outcome.champion_before == v1
+    assert "does not beat champion version 1 (3.0000)" in outcome.reason
+    assert alias_of(client, CHAMPION) == v1 and alias_of(client, CHALLENGER) == v2
+    run = client.get_run(r2)
+    assert run.data.tags["distill.registry.comparable"] == "true"
+    assert run.data.metrics["registry.champion_val_loss"] == 3.0
+    logged = json.loads(open(client.download_artifacts(r2, "registry/comparison.json", str(tmp_path))).read())
+    assert logged["alias"] == CHALLENGER and logged["champion_evaluation"]["val_loss"] == 3.0
+
+
+def test_better_version_takes_the_champion_alias(store):
+    client, exp = store
+    v1, _ = new_version(client, exp)
+    registry.assign_alias(client, MODEL, v1, Evaluation(3.0, DATA_A, 32))
+    v2, _ = new_version(client, exp)
+    assert registry.assign_alias(client, MODEL, v2, Evaluation(2.9, DATA_A, 32)).alias == CHAMPION
+    assert alias_of(client, CHAMPION) == v2
+
+
+def test_equal_loss_does_not_beat_the_champion(store):
+    client, exp = store
+    v1, _ = new_version(client, exp)
+    registry.assign_alias(client, MODEL, v1, Evaluation(3.0, DATA_A, 32))
+    v2, _ = new_version(client, exp)
+    assert registry.assign_alias(client, MODEL, v2, Evaluation(3.0, DATA_A, 32)).alias == CHALLENGER
+
+
+@pytest.mark.parametrize("other", [Evaluation(9.0, DATA_B, 32), Evaluation(9.0, DATA_A, 64)])
+def test_champion_on_other_data_is_not_comparable_and_is_replaced(store, other):
+    client, exp = store
+    v1, _ = new_version(client, exp)
+    registry.assign_alias(client, MODEL, v1, Evaluation(3.0, DATA_A, 32))
+    v2, _ = new_version(client, exp)
+    outcome = registry.assign_alias(client, MODEL, v2, other)
+    assert outcome.alias == CHAMPION and not outcome.comparable
+    assert "not comparable" in outcome.reason and "measured on other data" in outcome.reason
+    assert alias_of(client, CHAMPION) == v2
+
+
+def test_non_finite_loss_is_never_champion():
+    alias, comparable, reason = registry.choose_alias(Evaluation(math.nan, DATA_A, 32), None)
+    assert alias == CHALLENGER and not comparable and "never a champion" in reason
+
+
+def test_promote_moves_the_alias_by_hand(store):
+    client, exp = store
+    v1, _ = new_version(client, exp)
+    registry.assign_alias(client, MODEL, v1, Evaluation(3.0, DATA_A, 32))
+    v2, _ = new_version(client, exp)
+    registry.assign_alias(client, MODEL, v2, Evaluation(3.5, DATA_A, 32))
+    moved = registry.promote(client, MODEL, v2)
+    assert moved == {"model": MODEL, "alias": CHAMPION, "version": v2, "previous": v1}
+    assert alias_of(client, CHAMPION) == v2
+    assert alias_of(client, CHALLENGER) is None  # the promoted challenger is no longer one
+    rows = {r["version"]: r for r in registry.list_versions(client, MODEL)}
+    assert rows[v2]["aliases"] == [CHAMPION] and rows[v1]["aliases"] == []
+    assert rows[v2]["reason"] == "promoted by hand"
+    registry.promote(client, MODEL, int(v1), alias=CHALLENGER)
+    assert alias_of(client, CHALLENGER) == v1
+
+
+def test_list_versions_shows_metrics_and_aliases(store):
+    client, exp = store
+    v1, r1 = new_version(client, exp)
+    registry.assign_alias(client, MODEL, v1, Evaluation(3.0, DATA_A, 32))
+    v2, r2 = new_version(client, exp)
+    registry.assign_alias(client, MODEL, v2, Evaluation(3.5, DATA_A, 32))
+    rows = registry.list_versions(client, MODEL)
+    assert [r["version"] for r in rows] == [v2, v1]
+    assert rows[0] | {"created": None} == {
+        "version": v2, "aliases": [CHALLENGER], "val_loss": 3.5, "data_hash": DATA_A, "val_blocks": 32,
+        "run_id": r2, "created": None, "reason": rows[0]["reason"]}
+    assert rows[1]["aliases"] == [CHAMPION] and rows[1]["run_id"] == r1
+
+
+def test_unknown_version_model_or_alias_is_a_clear_error(store):
+    client, exp = store
+    v1, _ = new_version(client, exp)
+    registry.assign_alias(client, MODEL, v1, Evaluation(3.0, DATA_A, 32))
+    with pytest.raises(ValueError, match=r"version 7 of 'student-under-test' does not exist \(versions: 1\)"):
+        registry.promote(client, MODEL, 7)
+    with pytest.raises(ValueError, match=r"alias 'best' is not allowed \(allowed: champion, challenger\)"):
+        registry.promote(client, MODEL, v1, alias="best")
+    with pytest.raises(ValueError, match=r"registered model 'nope' does not exist \(registered: "
+                                         r"student-under-test"):
+        registry.list_versions(client, "nope")
+    assert alias_of(client, CHAMPION) == v1  # nothing moved
