@@ -41,4 +41,5 @@ integration: install
 	$(BIN)/python -m pytest -q tests/integration
 
 clean:
-	rm -rf data/prepared data/labels models reports runs gate/decision.json gate/decision_map.png
+	rm -rf data/prepared data/labels models reports runs gate/decision.json gate/decision_map.png \
+		gate/coefficients.json gate/calibration_points.json gate/calibration.png

@@ -19,12 +19,55 @@ STAGES = ("prepare", "teacher", "label", "train", "evaluate")
 
 
 @app.command()
-def run(root: Path = typer.Option(Path("."), help="project folder (holds params.yaml, dvc.yaml)")) -> None:
+def run(root: Path = typer.Option(Path("."), help="project folder (holds params.yaml, dvc.yaml)"),
+        wait_for_lock: float = typer.Option(0.0, min=0.0, help="seconds to wait for another run of "
+                                            "this project to finish (0 = refuse at once)")) -> None:
     """Run the whole pipeline as a Prefect flow (each stage through DVC)."""
     quiet_telemetry()
-    from flows.pipeline import pipeline
+    from distill.config import ConfigError
+    from distill.tracking import TrackingStoreError
+    from flows.pipeline import StageFailed, pipeline, preflight
+    from flows.runlock import PipelineBusyError, is_locked
 
-    pipeline(root=str(root))
+    try:
+        # Checked here too, before Prefect's temporary server starts: a bad store or a busy
+        # project is reported in seconds. The flow checks again (deployments start there).
+        preflight(root.resolve())
+        if not wait_for_lock and (busy := is_locked(root.resolve())):
+            raise PipelineBusyError(busy)
+        pipeline(root=str(root), wait_for_lock=wait_for_lock)
+    except (ConfigError, TrackingStoreError, PipelineBusyError, FileNotFoundError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    except StageFailed as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+
+
+@app.command()
+def serve(root: Path = typer.Option(Path("."), help="project folder the scheduled runs use"),
+          cron: str = typer.Option("0 3 * * 1", help="cron schedule (default: Mondays 03:00)"),
+          timezone: str = typer.Option("UTC", help="time zone of the cron schedule"),
+          name: str = typer.Option("weekly", help="deployment name")) -> None:
+    """Serve the pipeline on a cron schedule (needs a running Prefect server; Ctrl-C stops)."""
+    quiet_telemetry()
+    from flows.serve import serve_pipeline
+
+    try:
+        serve_pipeline(root.resolve(), cron, timezone, name)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
+@app.command()
+def calibrate(root: Path = typer.Option(Path("."), help="project folder (holds params.yaml, dvc.yaml)")) -> None:
+    """Calibrate the gate: sweep small runs on this data (Ray), fit the laws, write
+    gate/coefficients.json (a Prefect flow running the calibrate stage and those before it)."""
+    quiet_telemetry()
+    from flows.calibrate import calibrate as calibrate_flow
+
+    calibrate_flow(root=str(root))
 
 
 def _stage_command(stage: str):
@@ -84,6 +127,86 @@ def gate(
     if plot:
         plot_decision_map(query, coefs, plot, decision=decision)
     typer.echo(json.dumps(decision.to_dict(), indent=2) if as_json else format_table(decision))
+
+
+def _registry_target(root: Path, params: Path | None) -> tuple[str, object]:
+    """(tracking URI, config) of the project at ``root`` (its params.yaml unless ``params``)."""
+    from distill.config import load_config
+    from distill.tracking import tracking_uri
+
+    cfg = load_config(params or root / "params.yaml")
+    return tracking_uri(cfg, root.resolve()), cfg
+
+
+@app.command()
+def models(root: Path = typer.Option(Path("."), help="project folder (holds params.yaml)"),
+           params: Optional[Path] = typer.Option(None, help="parameters file (default: ROOT/params.yaml)"),
+           name: Optional[str] = typer.Option(None, help="registered model (default: evaluate.registered_model)")) -> None:
+    """List the registered student versions: aliases, val loss, data version, run id."""
+    quiet_telemetry()
+    from rich.console import Console
+    from rich.table import Table
+
+    from distill import registry
+    from distill.config import ConfigError
+
+    try:
+        uri, cfg = _registry_target(root, params)
+        model = name or cfg.evaluate.registered_model
+        rows = registry.list_versions(registry.client(uri), model)
+    except (ConfigError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    table = Table(title=f"{model} ({uri})")
+    for column in ("version", "aliases", "val loss"):
+        table.add_column(column, no_wrap=True)
+    for column in ("data version", "val blocks", "run id", "why"):
+        table.add_column(column, overflow="fold")
+    for r in rows:
+        table.add_row(r["version"], ", ".join(r["aliases"]),
+                      "—" if r["val_loss"] is None else f"{r['val_loss']:.4f}", r["data_hash"] or "—",
+                      "—" if r["val_blocks"] is None else str(r["val_blocks"]), r["run_id"] or "—",
+                      r["reason"] or "")
+    Console().print(table)
+
+
+@app.command()
+def promote(version: int = typer.Option(..., help="model version to move the alias to"),
+            alias: str = typer.Option("champion", help="champion | challenger"),
+            root: Path = typer.Option(Path("."), help="project folder (holds params.yaml)"),
+            params: Optional[Path] = typer.Option(None, help="parameters file (default: ROOT/params.yaml)"),
+            name: Optional[str] = typer.Option(None, help="registered model (default: evaluate.registered_model)")) -> None:
+    """Move an alias (default ``champion``) to a model version by hand."""
+    quiet_telemetry()
+    from distill import registry
+    from distill.config import ConfigError
+
+    try:
+        uri, cfg = _registry_target(root, params)
+        moved = registry.promote(registry.client(uri), name or cfg.evaluate.registered_model, version, alias)
+    except (ConfigError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(f"{moved['model']}@{moved['alias']}: version {moved['previous'] or 'none'} → "
+               f"version {moved['version']}")
+
+
+@app.command()
+def report(root: Path = typer.Option(Path("."), help="project folder (holds params.yaml)"),
+           params: Optional[Path] = typer.Option(None, help="parameters file (default: ROOT/params.yaml)")) -> None:
+    """One page on the latest run: decision, predicted vs actual losses, champion, where to look.
+    Printed, written to ROOT/reports/report.md and logged to the run in MLflow."""
+    quiet_telemetry()
+    from distill.config import ConfigError
+    from flows.report import REPORT_MD
+    from flows.report import report as write_report
+
+    try:
+        uri, cfg = _registry_target(root, params)
+        write_report(uri, cfg.mlflow.experiment, cfg.evaluate.registered_model, out=root / REPORT_MD)
+    except (ConfigError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
 
 
 def main() -> None:

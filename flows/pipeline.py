@@ -5,6 +5,13 @@ Stages run through ``dvc repro --single-item <stage>``, so a flow run and a plai
 by DVC. The flow adds what DVC lacks: retries for the stages whose failures can be
 transient (they resume: labels are content-addressed, training checkpoints), one parent
 MLflow run with each stage's run as its child, and a closing summary.
+
+Before any compute it checks what would make the run fail late (params, the DVC project,
+the MLflow store) and takes the project's pipeline lock, so a second run at the same time
+refuses at once instead of failing between two stages. A stage that fails stops the run
+before the stages after it: evaluate (which registers the student and moves aliases)
+never runs after a failed train. The parent run logs the data version it used and what
+changed since the previous pipeline run (``flows/lineage.py``).
 """
 
 from __future__ import annotations
@@ -18,12 +25,18 @@ from pathlib import Path
 import yaml
 from prefect import flow, get_run_logger, task
 
-from distill.config import load_config
+from distill.config import Config, load_config
 from distill.io import read_json
-from distill.tracking import PARENT_RUN_ENV, ensure_experiment, git_commit
+from distill.tracking import PARENT_RUN_ENV, check_tracking_store, ensure_experiment, git_commit, tracking_uri
+from flows.lineage import NO_BASELINE, log_lineage, untracked_source_warning
+from flows.runlock import lock_path, pipeline_lock
 from tasks.common import DECISION, LABELS, METRICS, STUDENT_DIR, TEACHER_JSON, quiet_telemetry
 
 RETRIES = {"label": 2, "train": 1}
+
+
+class StageFailed(RuntimeError):
+    """A DVC stage of the pipeline exited non-zero."""
 
 
 def stage_order(dvc_yaml: Path = Path("dvc.yaml")) -> list[str]:
@@ -65,22 +78,40 @@ def run_stage(stage: str, env: dict[str, str]) -> dict:
         elif "is cached - skipping run" in line:
             status = "restored from DVC's run cache"
     if proc.wait() != 0:
-        raise RuntimeError(f"stage {stage} failed (dvc repro exit code {proc.returncode}); "
-                           f"see its output above")
+        raise StageFailed(f"stage {stage} failed (dvc repro exit code {proc.returncode}); "
+                          f"see its output above")
     seconds = time.perf_counter() - started
     logger.info(f"stage {stage}: {status} in {seconds:.1f} s")
     return {"stage": stage, "status": status, "seconds": seconds}
 
 
-@flow(name="distill-pipeline", log_prints=False)
-def pipeline(root: str = ".") -> dict:
-    """Run every stage in DAG order under one parent MLflow run; returns the summary."""
-    import mlflow
+def preflight(root: Path) -> Config:
+    """What must hold before any compute: valid params, a DVC project, a usable MLflow store."""
+    cfg = load_config(root / "params.yaml")
+    lock_path(root)
+    check_tracking_store(tracking_uri(cfg, root))
+    if warning := untracked_source_warning(root, cfg.data.source):
+        print(f"warning: {warning}", file=sys.stderr)
+    return cfg
 
+
+@flow(name="distill-pipeline", log_prints=False)
+def pipeline(root: str = ".", wait_for_lock: float = 0.0) -> dict:
+    """Run every stage in DAG order under one parent MLflow run; returns the summary.
+
+    ``wait_for_lock``: seconds to wait for another run of this project to finish (0 = refuse).
+    """
     quiet_telemetry()
     root_path = Path(root).resolve()
     os.chdir(root_path)
-    cfg = load_config(root_path / "params.yaml")  # fails before any work on bad params
+    cfg = preflight(root_path)  # fails before any work on bad params or an unusable store
+    with pipeline_lock(root_path, wait_for_lock, run_label=_flow_run_label()):
+        return _run_stages(cfg, root_path)
+
+
+def _run_stages(cfg: Config, root_path: Path) -> dict:
+    import mlflow
+
     experiment = ensure_experiment(cfg, root_path)
     with mlflow.start_run(experiment_id=experiment, run_name="pipeline",
                           tags={"distill.flow": "pipeline",
@@ -91,14 +122,21 @@ def pipeline(root: str = ".") -> dict:
         for stage in stage_order(root_path / "dvc.yaml"):
             stages.append(run_stage.with_options(retries=RETRIES.get(stage, 0),
                                                  retry_delay_seconds=5)(stage, env))
-        summary = build_summary(stages, parent.info.run_id)
+        lineage = log_lineage(root_path, cfg.data.source, stages)
+        summary = build_summary(stages, parent.info.run_id, lineage)
         mlflow.log_dict(summary, "summary.json")
         mlflow.log_metrics({f"stage_seconds.{s['stage']}": s["seconds"] for s in stages})
     print_summary(summary)
     return summary
 
 
-def build_summary(stages: list[dict], run_id: str) -> dict:
+def _flow_run_label() -> str:
+    from prefect.runtime import flow_run
+
+    return f"Prefect flow run {flow_run.name}" if flow_run.id else ""
+
+
+def build_summary(stages: list[dict], run_id: str, lineage: dict | None = None) -> dict:
     """Decision, losses and where things are, from the stages' outputs."""
     decision, metrics = read_json(DECISION), read_json(METRICS)
     labels = read_json(LABELS / "manifest.json")
@@ -113,6 +151,9 @@ def build_summary(stages: list[dict], run_id: str) -> dict:
         "kl_teacher_student": metrics["kl_teacher_student"],
         "labels": labels.get("status"),
         "student_model": str(STUDENT_DIR.resolve()),
+        # The per-document hashes stay in the logged data_version.json, not in the summary.
+        **({"data_version": {k: v for k, v in lineage["data_version"].items() if k != "document_hashes"},
+            "changes": lineage["changes"]} if lineage else {}),
     }
 
 
@@ -129,5 +170,24 @@ def print_summary(s: dict) -> None:
     table.add_row("student val loss", f"{s['student_val_loss']:.4f} nats/token")
     table.add_row("KL(teacher‖student)", f"{s['kl_teacher_student']:.4f}")
     table.add_row("student model", s["student_model"])
+    if "data_version" in s:
+        table.add_row("data version", f"data/prepared {s['data_version']['prepared_md5']} "
+                                      f"({s['data_version']['documents']} documents)")
+        table.add_row("since previous run", describe_changes(s["changes"]))
     table.add_row("MLflow parent run", s["mlflow_run_id"])
     Console().print(table)
+
+
+def describe_changes(c: dict) -> str:
+    """One line: what changed in the data (and labeling) since the previous pipeline run."""
+    if c["first_run"]:
+        head = "first pipeline run of this experiment"
+    elif c["method"] == NO_BASELINE:
+        head = f"previous run {c['previous_run']} logged no data version"
+    else:
+        head = (f"+{c['documents_added']} / -{c['documents_removed']} documents ({c['method']}), "
+                f"data {'changed' if c['data_changed'] else 'unchanged'}")
+    labels = c.get("labels", {})
+    if "labeled_now" in labels:
+        head += f"; labels: {labels['labeled_now']} labeled now, {labels['reused']} reused"
+    return head

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,9 @@ TINY_PARAMS = {
                 "optim": {"steps": 30, "batch_size": 8, "warmup_steps": 3, "eval_every": 15, "lr": 0.01}},
     "student": {"layers": 1, "d_model": 16, "heads": 2},
     "gate": {"force": "distill"},
+    # A tiny sweep (8 supervised + 16 distillation points of a few steps): seconds per point.
+    "calibrate": {"students": "1x8, 1x16", "head_dim": 8, "steps": "5, 10, 20, 40",
+                  "teachers": "pipeline, 1x16", "heldout_share": 0.1, "bootstrap": 5, "fit_starts": 8},
     "distill": {"top_k": 8, "alpha": 0.5},
     "label": {"batch_size": 16},
     "train": {"steps": 20, "batch_size": 8, "warmup_steps": 2, "eval_every": 10,
@@ -54,7 +59,36 @@ def shared_ray(tmp_path_factory):
     os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
     yield os.environ["RAY_ADDRESS"]
     os.environ.pop("RAY_ADDRESS", None)
-    run([str(BIN / "ray"), "stop", "--force"], cwd=temp, check=False)
+    stop_ray_head(temp)
+
+
+def stop_ray_head(temp: Path) -> None:
+    """Stop this session's Ray head and nothing else.
+
+    `ray stop` stops every Ray on the machine, other test sessions' heads included (their
+    stages then fail mid-run). This head's own processes (GCS, raylet, monitors) all name
+    its temp dir on their command line; its workers exit with the raylet.
+    """
+    proc_root = Path("/proc")
+    if not proc_root.is_dir():
+        run([str(BIN / "ray"), "stop", "--force"], cwd=temp, check=False)
+        return
+    mine = []
+    for entry in proc_root.iterdir():
+        try:
+            if entry.name.isdigit() and f"{temp}/".encode() in (entry / "cmdline").read_bytes():
+                mine.append(int(entry.name))
+        except OSError:
+            continue
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in mine:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 15
+        while (mine := [pid for pid in mine if (proc_root / str(pid)).exists()]) and time.monotonic() < deadline:
+            time.sleep(0.2)
 
 
 def free_port() -> int:
@@ -67,7 +101,7 @@ def free_port() -> int:
 def make_project(path: Path, params: dict | None = None) -> Path:
     """A fresh git + DVC project holding the pipeline's code and tiny params."""
     path.mkdir(parents=True, exist_ok=True)
-    for item in ("distill", "tasks", "flows"):
+    for item in ("distill", "tasks", "flows", "corpus"):
         shutil.copytree(ROOT / item, path / item, ignore=shutil.ignore_patterns("__pycache__"))
     for item in ("dvc.yaml", ".gitignore"):
         shutil.copy(ROOT / item, path / item)

@@ -17,7 +17,7 @@ from .conftest import BIN, TINY_PARAMS, deep_merge, make_project, run
 
 pytestmark = pytest.mark.integration
 
-STAGES = ["prepare", "teacher", "gate", "label", "train", "evaluate"]
+STAGES = ["prepare", "teacher", "calibrate", "gate", "label", "train", "evaluate"]
 
 
 def mlflow_client(project: Path):
@@ -56,7 +56,11 @@ def test_dvc_repro_produces_every_output(repro_project):
     decision = json.loads((p / "gate/decision.json").read_text())
     assert decision["decision"] == "distill" and "forced by gate.force" in decision["reason"]
     assert {"supervised", "distill", "coefficients", "in_support"} <= decision.keys()
-    assert decision["in_support"] is False  # paper coefficients, far outside at this scale
+    # The calibrate stage ran first, so the gate used its coefficients and the measured L_T.
+    assert decision["coefficients"] == "calibrated"
+    assert decision["distill"]["teacher_loss_source"] == "measured"
+    assert decision["distill"]["teacher_loss"] == pytest.approx(teacher["val_loss"])
+    assert "heldout_supervised" in decision["coefficients_quality"]
     assert (p / "gate/decision_map.png").stat().st_size > 1000
     labels = json.loads((p / "data/labels/manifest.json").read_text())
     assert labels["status"] == "complete" and labels["blocks"] == manifest["splits"]["train"]["blocks"]
@@ -92,7 +96,11 @@ def test_labels_match_the_teacher(repro_project):
 
 def test_mlflow_has_stage_runs_and_registered_model(repro_project):
     runs = stage_runs(repro_project)
+    points = [r for r in runs if "distill.calibration_point" in r.data.tags]
+    runs = [r for r in runs if "distill.stage" in r.data.tags]
     assert sorted(r.data.tags["distill.stage"] for r in runs) == sorted(STAGES)
+    calibrate = next(r for r in runs if r.data.tags["distill.stage"] == "calibrate")
+    assert len(points) == 24 and {r.data.tags["mlflow.parentRunId"] for r in points} == {calibrate.info.run_id}
     evaluate = next(r for r in runs if r.data.tags["distill.stage"] == "evaluate")
     assert evaluate.data.tags["distill.decision"] == "distill"
     assert evaluate.data.params["dvc.data/prepared"] == lock_outs(repro_project)["data/prepared"]
@@ -121,14 +129,15 @@ def test_interrupted_labels_resume_without_gaps_or_duplicates(repro_project):
     victim.unlink()
     (p / "data/labels/manifest.json").unlink()
     proc = run([str(BIN / "python"), "-m", "tasks.label"], cwd=p)
-    assert f"labeling 1 of {len(labels['shards'])} train shards" in proc.stdout
+    lost = labels["shards"][-1]["blocks"]
+    assert f"labeling {lost} of {labels['blocks']} train blocks" in proc.stdout
     again = pq.read_table(victim)
     assert again.column("block_id").to_pylist() == original.column("block_id").to_pylist()
     a = np.stack(again.column("topk_logprobs").to_numpy(zero_copy_only=False)).astype(np.float32)
     b = np.stack(original.column("topk_logprobs").to_numpy(zero_copy_only=False)).astype(np.float32)
     assert np.allclose(a, b, atol=1e-2)
     redone = json.loads((p / "data/labels/manifest.json").read_text())
-    assert redone["blocks"] == labels["blocks"] and redone["reused"] == len(labels["shards"]) - 1
+    assert redone["blocks"] == labels["blocks"] and redone["reused"] == labels["blocks"] - lost
 
 
 def test_failed_stage_leaves_no_output_that_looks_complete(repro_project, tmp_path):
