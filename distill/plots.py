@@ -31,12 +31,7 @@ def plot_loss_curves(histories: dict[str, list[dict]], path: str | Path,
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, plt)
 
 
 def plot_reliability(bins: dict[str, dict], path: str | Path, ece: dict[str, float] | None = None) -> Path:

@@ -3,6 +3,8 @@ can be labeled, per-block sampling seeds, and the top-k filler of positions with
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from distill.io import sha256_bytes
@@ -52,3 +54,27 @@ def empty_columns(b: int, t: int, k: int) -> dict[str, np.ndarray]:
             "rest_logprob": np.zeros((b, (t - 1) if k else 0), np.float16),
             "teacher_nll": np.zeros(b, np.float32),
             "loss_from": np.zeros(b, np.int32), "length": np.full(b, t, np.int32)}
+
+
+def label_labelable(batch: dict[str, np.ndarray], block_size: int | None, k: int,
+                    problem: Callable[[np.ndarray, int], str],
+                    label: Callable[[np.ndarray, list[str]], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """One labeler call, whatever the backend: rows that ``problem`` rejects keep zero-filled
+    columns and carry their reason in ``error``; the rest go to ``label(ids [b, t] int64,
+    block_ids)`` together. Returns the batch with the label columns and ``error`` added."""
+    rows = [np.asarray(r).reshape(-1) for r in batch["input_ids"]]
+    t = block_size or max(r.size for r in rows)
+    errors = [problem(r, t) for r in rows]
+    good = [i for i, e in enumerate(errors) if not e]
+    out = empty_columns(len(rows), t, k)
+    if good:
+        part = label(np.stack([rows[i] for i in good]).astype(np.int64),
+                     [str(batch["block_id"][i]) for i in good])
+        for name, value in part.items():
+            if len(good) == len(rows):  # the usual case: no copy into the zero-filled columns
+                out[name] = np.asarray(value, out[name].dtype)
+            else:
+                out[name][good] = value
+    result = dict(batch)
+    result.update(out, error=np.array(errors, dtype=object))
+    return result

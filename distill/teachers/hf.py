@@ -8,7 +8,8 @@ import numpy as np
 import torch
 
 from distill.losses import topk_labels
-from distill.teachers.common import block_problem, empty_columns, filler_topk, generation_seed
+from distill.teachers.common import (block_problem, filler_topk, generation_seed,
+                                     label_labelable)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -61,25 +62,16 @@ class HFLabeler:
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = [np.asarray(r).reshape(-1) for r in batch["input_ids"]]
-        t = self.block_size or max(r.size for r in rows)
         needed = (self.gen["prompt_tokens"] + self.gen["max_new_tokens"]) if self.gen else None
-        errors = [block_problem(r, t, self.vocab, self.max_positions, needed) for r in rows]
-        good = [i for i, e in enumerate(errors) if not e]
         k = 0 if self.mode == "hard" else min(self.k, self.vocab)
-        out = empty_columns(len(rows), t, k)
-        if good:
-            ids = torch.from_numpy(np.stack([rows[i] for i in good]).astype(np.int64)).to(self.device)
-            part = (self._soft(ids) if self.mode == "soft"
-                    else self._hard(ids, [str(batch["block_id"][i]) for i in good], k))
-            for name, value in part.items():
-                if len(good) == len(rows):  # the usual case: no copy into the zero-filled columns
-                    out[name] = np.asarray(value, out[name].dtype)
-                else:
-                    out[name][good] = value
-        result = dict(batch)
-        result.update(out, error=np.array(errors, dtype=object))
-        return result
+
+        def label(ids: np.ndarray, blocks: list[str]) -> dict[str, np.ndarray]:
+            ids = torch.from_numpy(ids).to(self.device)
+            return self._soft(ids) if self.mode == "soft" else self._hard(ids, blocks, k)
+
+        return label_labelable(
+            batch, self.block_size, k,
+            lambda row, t: block_problem(row, t, self.vocab, self.max_positions, needed), label)
 
     def _soft(self, ids: torch.Tensor) -> dict[str, np.ndarray]:
         """Teacher forcing: top-k at every position and the NLL of the real next tokens."""

@@ -51,7 +51,8 @@ import json
 
 import numpy as np
 
-from distill.teachers.common import block_problem, empty_columns, filler_topk, generation_seed
+from distill.teachers.common import (block_problem, filler_topk, generation_seed,
+                                     label_labelable)
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -362,25 +363,17 @@ class VLLMLabeler:
         self.params_class = params_class
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = [np.asarray(r).reshape(-1) for r in batch["input_ids"]]
-        t = self.block_size or max(r.size for r in rows)
         needed = (self.gen["prompt_tokens"] + self.gen["max_new_tokens"]) if self.gen else None
-        errors = [block_problem(r, t, self.vocab, self.max_len, needed, "max_model_len") for r in rows]
-        good = [i for i, e in enumerate(errors) if not e]
         k = 0 if self.mode == "hard" else self.k
-        out = empty_columns(len(rows), t, k)
-        if good:
-            ids = np.stack([rows[i] for i in good]).astype(np.int32)
-            blocks = [str(batch["block_id"][i]) for i in good]
-            part = self._soft(ids, blocks) if self.mode == "soft" else self._hard(ids, blocks, k)
-            for name, value in part.items():
-                if len(good) == len(rows):  # the usual case: no copy into the zero-filled columns
-                    out[name] = np.asarray(value, out[name].dtype)
-                else:
-                    out[name][good] = value
-        result = dict(batch)
-        result.update(out, error=np.array(errors, dtype=object))
-        return result
+
+        def label(ids: np.ndarray, blocks: list[str]) -> dict[str, np.ndarray]:
+            ids = ids.astype(np.int32)
+            return self._soft(ids, blocks) if self.mode == "soft" else self._hard(ids, blocks, k)
+
+        return label_labelable(
+            batch, self.block_size, k,
+            lambda row, t: block_problem(row, t, self.vocab, self.max_len, needed, "max_model_len"),
+            label)
 
     def _soft(self, ids: np.ndarray, blocks: list[str]) -> dict[str, np.ndarray]:
         prompts = [{"prompt_token_ids": row.tolist()} for row in ids]
