@@ -58,10 +58,17 @@ def empty_columns(b: int, t: int, k: int) -> dict[str, np.ndarray]:
 
 def label_labelable(batch: dict[str, np.ndarray], block_size: int | None, k: int,
                     problem: Callable[[np.ndarray, int], str],
-                    label: Callable[[np.ndarray, list[str]], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+                    label: Callable[[np.ndarray, list[str]], dict[str, np.ndarray]],
+                    needs_block_id: bool = False) -> dict[str, np.ndarray]:
     """One labeler call, whatever the backend: rows that ``problem`` rejects keep zero-filled
     columns and carry their reason in ``error``; the rest go to ``label(ids [b, t] int64,
-    block_ids)`` together. Returns the batch with the label columns and ``error`` added."""
+    block_ids)`` together. Returns the batch with the label columns and ``error`` added.
+
+    ``block_id`` is optional for soft labels (rows are then named by position in messages);
+    hard modes need it (``needs_block_id``): it seeds each block's sampling."""
+    if needs_block_id and "block_id" not in batch:
+        raise ValueError("hard-label modes need each row's block_id: it seeds the block's sampling")
+    names = batch["block_id"] if "block_id" in batch else [f"row {i}" for i in range(len(batch["input_ids"]))]
     rows = [np.asarray(r).reshape(-1) for r in batch["input_ids"]]
     t = block_size or max(r.size for r in rows)
     errors = [problem(r, t) for r in rows]
@@ -69,7 +76,7 @@ def label_labelable(batch: dict[str, np.ndarray], block_size: int | None, k: int
     out = empty_columns(len(rows), t, k)
     if good:
         part = label(np.stack([rows[i] for i in good]).astype(np.int64),
-                     [str(batch["block_id"][i]) for i in good])
+                     [str(names[i]) for i in good])
         for name, value in part.items():
             if len(good) == len(rows):  # the usual case: no copy into the zero-filled columns
                 out[name] = np.asarray(value, out[name].dtype)

@@ -71,7 +71,8 @@ class HFLabeler:
 
         return label_labelable(
             batch, self.block_size, k,
-            lambda row, t: block_problem(row, t, self.vocab, self.max_positions, needed), label)
+            lambda row, t: block_problem(row, t, self.vocab, self.max_positions, needed), label,
+            needs_block_id=self.mode != "soft")
 
     def _soft(self, ids: torch.Tensor) -> dict[str, np.ndarray]:
         """Teacher forcing: top-k at every position and the NLL of the real next tokens."""

@@ -373,7 +373,7 @@ class VLLMLabeler:
         return label_labelable(
             batch, self.block_size, k,
             lambda row, t: block_problem(row, t, self.vocab, self.max_len, needed, "max_model_len"),
-            label)
+            label, needs_block_id=self.mode != "soft")
 
     def _soft(self, ids: np.ndarray, blocks: list[str]) -> dict[str, np.ndarray]:
         prompts = [{"prompt_token_ids": row.tolist()} for row in ids]

@@ -263,6 +263,20 @@ def test_too_long_for_the_teacher_is_an_error_row(tiny_teacher_dir):
                for e in out["error"])
 
 
+def test_soft_labels_need_no_block_ids_but_hard_labels_do(tiny_teacher_dir):
+    """Calibration labels bare token arrays (soft); hard modes seed each block by its id."""
+    from distill.teachers.hf import HFLabeler
+
+    soft = HFLabeler(tiny_teacher_dir, k=4, temperature=1.0, vocab_size=50, block_size=16)
+    batch = blocks(3)
+    bare = soft({"input_ids": batch["input_ids"]})
+    named = soft(batch)
+    assert (bare["error"] == "").all()
+    assert np.array_equal(bare["topk_ids"], named["topk_ids"])
+    with pytest.raises(ValueError, match="need each row's block_id"):
+        hard_labeler(tiny_teacher_dir)({"input_ids": batch["input_ids"]})
+
+
 # ----------------------------------------------------------------- training on each mode
 
 @pytest.mark.parametrize("mode", ["soft", "hard", "hard+soft"])
