@@ -13,12 +13,11 @@ import os
 import sys
 from pathlib import Path
 
-import yaml
 from prefect import flow
 
 from distill.io import read_json
 from distill.tracking import PARENT_RUN_ENV, ensure_experiment, git_commit
-from flows.pipeline import _path, _within, preflight, run_stage, stage_order
+from flows.pipeline import preflight, run_stage, stage_needs, stage_order
 from flows.runlock import pipeline_lock
 from tasks.common import COEFFICIENTS, quiet_telemetry
 
@@ -27,17 +26,14 @@ RETRIES = {"calibrate": 1}
 
 def stages_up_to(target: str, dvc_yaml: Path = Path("dvc.yaml")) -> list[str]:
     """``target`` and every stage it depends on (transitively), in DAG order."""
-    stages = yaml.safe_load(dvc_yaml.read_text())["stages"]
-    if target not in stages:
-        raise ValueError(f"{dvc_yaml}: no stage {target!r} (stages: {', '.join(stages)})")
-    outs = {n: [_path(o) for o in s.get("outs", []) + s.get("metrics", [])] for n, s in stages.items()}
+    needs = stage_needs(dvc_yaml)
+    if target not in needs:
+        raise ValueError(f"{dvc_yaml}: no stage {target!r} (stages: {', '.join(needs)})")
     needed, frontier = {target}, [target]
     while frontier:
-        deps = [_path(d) for d in stages[frontier.pop()].get("deps", [])]
-        for other, paths in outs.items():
-            if other not in needed and any(_within(d, o) for d in deps for o in paths):
-                needed.add(other)
-                frontier.append(other)
+        for other in needs[frontier.pop()] - needed:
+            needed.add(other)
+            frontier.append(other)
     return [s for s in stage_order(dvc_yaml) if s in needed]
 
 

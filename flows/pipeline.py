@@ -39,13 +39,19 @@ class StageFailed(RuntimeError):
     """A DVC stage of the pipeline exited non-zero."""
 
 
-def stage_order(dvc_yaml: Path = Path("dvc.yaml")) -> list[str]:
-    """Stages of ``dvc.yaml`` in dependency order (a stage after every stage whose outs it reads)."""
+def stage_needs(dvc_yaml: Path = Path("dvc.yaml")) -> dict[str, set[str]]:
+    """Each stage of ``dvc.yaml`` (in file order) → the stages whose outs it reads."""
     stages = yaml.safe_load(dvc_yaml.read_text())["stages"]
     outs = {name: [_path(o) for o in s.get("outs", []) + s.get("metrics", [])] for name, s in stages.items()}
-    needs = {name: {other for other, paths in outs.items() if other != name and any(
+    return {name: {other for other, paths in outs.items() if other != name and any(
         _within(_path(dep), out) for dep in s.get("deps", []) for out in paths)}
         for name, s in stages.items()}
+
+
+def stage_order(dvc_yaml: Path = Path("dvc.yaml")) -> list[str]:
+    """Stages of ``dvc.yaml`` in dependency order (a stage after every stage whose outs it reads)."""
+    needs = stage_needs(dvc_yaml)
+    stages = list(needs)
     order: list[str] = []
     while len(order) < len(stages):
         ready = [n for n in stages if n not in order and needs[n] <= set(order)]
