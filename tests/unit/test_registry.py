@@ -33,6 +33,15 @@ def new_version(client, exp) -> tuple[str, str]:
     return str(version.version), run.info.run_id
 
 
+def assigned_versions(client, exp, *evaluations: Evaluation) -> list[tuple[str, str, registry.Outcome]]:
+    """A new version per evaluation, each given its alias in turn: ``(version, run id, outcome)``."""
+    made = []
+    for evaluation in evaluations:
+        version, run_id = new_version(client, exp)
+        made.append((version, run_id, registry.assign_alias(client, MODEL, version, evaluation)))
+    return made
+
+
 def alias_of(client, alias: str) -> str | None:
     found = registry.current_version(client, MODEL, alias)
     return None if found is None else str(found.version)
@@ -67,28 +76,23 @@ def test_worse_second_version_is_challenger_and_first_stays_champion(store, tmp_
 
 def test_better_version_takes_the_champion_alias(store):
     client, exp = store
-    v1, _ = new_version(client, exp)
-    registry.assign_alias(client, MODEL, v1, Evaluation(3.0, DATA_A, 32))
-    v2, _ = new_version(client, exp)
-    assert registry.assign_alias(client, MODEL, v2, Evaluation(2.9, DATA_A, 32)).alias == CHAMPION
+    _, (v2, _, outcome) = assigned_versions(client, exp, Evaluation(3.0, DATA_A, 32),
+                                            Evaluation(2.9, DATA_A, 32))
+    assert outcome.alias == CHAMPION
     assert alias_of(client, CHAMPION) == v2
 
 
 def test_equal_loss_does_not_beat_the_champion(store):
     client, exp = store
-    v1, _ = new_version(client, exp)
-    registry.assign_alias(client, MODEL, v1, Evaluation(3.0, DATA_A, 32))
-    v2, _ = new_version(client, exp)
-    assert registry.assign_alias(client, MODEL, v2, Evaluation(3.0, DATA_A, 32)).alias == CHALLENGER
+    _, (_, _, outcome) = assigned_versions(client, exp, Evaluation(3.0, DATA_A, 32),
+                                           Evaluation(3.0, DATA_A, 32))
+    assert outcome.alias == CHALLENGER
 
 
 @pytest.mark.parametrize("other", [Evaluation(9.0, DATA_B, 32), Evaluation(9.0, DATA_A, 64)])
 def test_champion_on_other_data_is_not_comparable_and_is_replaced(store, other):
     client, exp = store
-    v1, _ = new_version(client, exp)
-    registry.assign_alias(client, MODEL, v1, Evaluation(3.0, DATA_A, 32))
-    v2, _ = new_version(client, exp)
-    outcome = registry.assign_alias(client, MODEL, v2, other)
+    _, (v2, _, outcome) = assigned_versions(client, exp, Evaluation(3.0, DATA_A, 32), other)
     assert outcome.alias == CHAMPION and not outcome.comparable
     assert "not comparable" in outcome.reason and "measured on other data" in outcome.reason
     assert alias_of(client, CHAMPION) == v2
@@ -101,10 +105,8 @@ def test_non_finite_loss_is_never_champion():
 
 def test_promote_moves_the_alias_by_hand(store):
     client, exp = store
-    v1, _ = new_version(client, exp)
-    registry.assign_alias(client, MODEL, v1, Evaluation(3.0, DATA_A, 32))
-    v2, _ = new_version(client, exp)
-    registry.assign_alias(client, MODEL, v2, Evaluation(3.5, DATA_A, 32))
+    (v1, _, _), (v2, _, _) = assigned_versions(client, exp, Evaluation(3.0, DATA_A, 32),
+                                               Evaluation(3.5, DATA_A, 32))
     moved = registry.promote(client, MODEL, v2)
     assert moved == {"model": MODEL, "alias": CHAMPION, "version": v2, "previous": v1}
     assert alias_of(client, CHAMPION) == v2
@@ -118,10 +120,8 @@ def test_promote_moves_the_alias_by_hand(store):
 
 def test_list_versions_shows_metrics_and_aliases(store):
     client, exp = store
-    v1, r1 = new_version(client, exp)
-    registry.assign_alias(client, MODEL, v1, Evaluation(3.0, DATA_A, 32))
-    v2, r2 = new_version(client, exp)
-    registry.assign_alias(client, MODEL, v2, Evaluation(3.5, DATA_A, 32))
+    (v1, r1, _), (v2, r2, _) = assigned_versions(client, exp, Evaluation(3.0, DATA_A, 32),
+                                                 Evaluation(3.5, DATA_A, 32))
     rows = registry.list_versions(client, MODEL)
     assert [r["version"] for r in rows] == [v2, v1]
     assert rows[0] | {"created": None} == {
