@@ -252,6 +252,37 @@ def test_no_crossover_is_reported_as_none():
     assert json.dumps(d.to_dict(), allow_nan=False)
 
 
+# A fit of the embedded default's own calibration sweep (make run, 2026-11-27): small runs,
+# a distillation law whose margin over supervised swings around zero near the query.
+SMALL_SCALE_FIT = {
+    "name": "calibrated",
+    "supervised": {"A": 616579485418658.4, "B": 7281968241.074191, "E": 0.9155502992375175,
+                   "alpha": 2.756251157833059, "beta": 1.189195781270874, "gamma": 0.1885334849979842},
+    "distillation": {"A": 2988958584609.1816, "B": 3572.6217848033093, "alpha": 2.9998609411905615,
+                     "beta": 0.4492313781348509, "c0": 2.104234298966321, "c1": 20584.183182232628,
+                     "d1": 1.2583574989257968, "f1": 0.04432500431018494, "gamma": 1.1987831593252924},
+    "support": {"student_params": [27792.0, 332448.0], "student_tokens": [203200.0, 812800.0],
+                "teacher_loss": [4.280160969314205, 4.474318330558911]}}
+
+
+def test_crossover_below_the_papers_range_is_found_and_an_unstable_margin_is_said():
+    from distill.law import coefficients_from_dict
+
+    coefs = coefficients_from_dict(SMALL_SCALE_FIT)
+    query = GateQuery(student_params=106816.0, student_tokens=609600.0, teacher_loss=4.4743, teacher_params=803968.0,
+                      n_ctx=128, n_vocab=2048)
+    d = decide(query, coefs)
+    # distillation wins at the query and supervised from ~6.9e5 tokens on: a crossover under
+    # the paper's 1e6 floor, which a search starting at 1e6 missed ("supervised throughout")
+    assert d.decision == "distill"
+    assert query.student_tokens < d.crossover_tokens < 1e6
+    margin = lambda tokens: (supervised_loss(query.student_params, tokens, coefs.supervised)
+                             - distillation_loss(query.student_params, tokens, query.teacher_loss, coefs))
+    assert margin(d.crossover_tokens * 1.01) < 0 < margin(d.crossover_tokens * 0.99)
+    assert all(margin(t) < 0 for t in np.geomspace(d.crossover_tokens * 1.01, 1e17, 50))
+    assert "changes sign" in d.crossover_note and "cannot tell the branches apart" in d.crossover_note
+
+
 def test_reason_and_table_carry_the_numbers():
     d = _decide(student_params=1e9, student_tokens=2e10, **BIG_TEACHER)
     assert d.reason.startswith("distill:") and f"{d.distill.loss:.4f}" in d.reason
