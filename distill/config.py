@@ -176,6 +176,10 @@ class LabelConfig:
     # vLLM: GPUs one engine spans (its actor needs that many: label.gpus_per_actor)
     tensor_parallel_size: int = field(default=1, metadata=_range(1, 1024))
     gpu_memory_utilization: float = field(default=0.85, metadata=_range(0.0, 1.0, lo_open=True))
+    # HF backend: at most this many pending blocks are labeled in the stage's own process
+    # (same labeler, same batches) — starting Ray and an actor pool costs more than the work
+    # (an incremental run after a few new documents); 0 = always the Ray Data pool.
+    inline_blocks: int = field(default=512, metadata=_range(0))
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Stage ``label``: teacher labels for every train block, via Ray Data, cached per block.
+"""Stage ``label``: teacher labels for every train block, via Ray Data, cached per block
+(a few pending blocks — ``label.inline_blocks``, HF backend — are labeled in-process).
 
 Modes (``label.mode``): ``soft`` (top-k log-probs of the corpus text), ``hard`` (teacher
 generations for prompts) and ``hard+soft``; one schema (:mod:`distill.labels`).
@@ -16,6 +17,7 @@ rows (no teacher) or removed. Blocks the teacher cannot label go to ``errors.par
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -89,9 +91,8 @@ def label_train_blocks(cfg: Config, out: Path, teacher: dict, manifest: dict) ->
 def train_block_ids(manifest: dict) -> list[str]:
     """The block ids of the prepared train split, in shard order."""
     ids: list[str] = []
-    for shard in manifest["splits"]["train"]["shards"]:
-        ids.extend(pq.read_table(PREPARED / "train" / shard["file"], columns=["block_id"])
-                   .column(0).to_pylist())
+    for path in train_shard_paths(manifest):
+        ids.extend(pq.read_table(path, columns=["block_id"]).column(0).to_pylist())
     return ids
 
 
@@ -105,11 +106,30 @@ def write_skipped(out: Path, reason: str) -> dict:
 
 def label_blocks(cfg: Config, missing: list[str], settings: LabelSettings, manifest: dict,
                  out: Path) -> list[dict]:
-    """Run the teacher over the ``missing`` blocks with a Ray Data actor pool, writing shards
-    of ``data.shard_blocks`` labeled rows as they complete; returns the per-block errors."""
+    """Run the teacher over the ``missing`` blocks, writing shards of ``data.shard_blocks``
+    labeled rows as they complete; returns the per-block errors.
+
+    A Ray Data actor pool does the work, except that the HF backend labels at most
+    ``label.inline_blocks`` pending blocks in this process: same labeler, same batches, same
+    shards, without the seconds of starting Ray and a worker that loads the teacher."""
+    backend = resolve_backend(cfg.label.backend, cfg.distill.temperature)
+    writer = ShardWriter(out, settings, cfg.data.shard_blocks, total=len(missing))
+    if backend == "hf" and len(missing) <= cfg.label.inline_blocks:
+        print(f"labeling in this process ({len(missing)} ≤ label.inline_blocks = {cfg.label.inline_blocks})")
+        batches = label_in_process(cfg, settings, manifest, missing)
+    else:
+        batches = label_with_ray(cfg, backend, settings, manifest, missing)
+    for batch in batches:
+        writer.add(batch)
+    writer.finish()
+    return writer.errors
+
+
+def label_with_ray(cfg: Config, backend: str, settings: LabelSettings, manifest: dict,
+                   missing: list[str]) -> Iterator[dict[str, np.ndarray]]:
+    """Labeled batches of the ``missing`` blocks from a Ray Data actor pool, in order."""
     import ray.data
 
-    backend = resolve_backend(cfg.label.backend, cfg.distill.temperature)
     init_ray(cfg.ray)
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     ds = pending_dataset(manifest, missing)
@@ -117,24 +137,42 @@ def label_blocks(cfg: Config, missing: list[str], settings: LabelSettings, manif
     ds = ds.map_batches(labeler, fn_constructor_kwargs=kwargs, batch_size=cfg.label.batch_size,
                         batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=cfg.label.num_actors),
                         num_cpus=cfg.label.cpus_per_actor, num_gpus=cfg.label.gpus_per_actor or None)
-    writer = ShardWriter(out, settings, cfg.data.shard_blocks, total=len(missing))
-    for batch in ds.iter_batches(batch_size=cfg.label.batch_size, batch_format="numpy"):
-        writer.add(batch)
-    writer.finish()
-    return writer.errors
+    yield from ds.iter_batches(batch_size=cfg.label.batch_size, batch_format="numpy")
+
+
+def label_in_process(cfg: Config, settings: LabelSettings, manifest: dict,
+                     missing: list[str]) -> Iterator[dict[str, np.ndarray]]:
+    """Labeled batches of the ``missing`` blocks from the HF labeler in this process, in order."""
+    labeler_class, kwargs = teacher_backend(cfg, "hf", settings, manifest)
+    labeler = labeler_class(**kwargs)
+    for table in pending_tables(manifest, missing):
+        for batch in table.to_batches(max_chunksize=cfg.label.batch_size):
+            ids = batch.column("input_ids")
+            yield labeler({"block_id": batch.column("block_id").to_numpy(zero_copy_only=False),
+                           "input_ids": np.stack(ids.to_numpy(zero_copy_only=False))})
+
+
+def pending_tables(manifest: dict, missing: list[str]) -> list[pa.Table]:
+    """The ``missing`` train blocks as Arrow tables, in prepared-shard order (read here)."""
+    wanted = pa.array(missing, type=pa.string())
+    tables = [pq.read_table(p) for p in train_shard_paths(manifest)]
+    tables = [t.filter(pc.is_in(t.column("block_id"), value_set=wanted)) for t in tables]
+    return [t for t in tables if t.num_rows]
+
+
+def train_shard_paths(manifest: dict) -> list[str]:
+    """Absolute paths of the prepared train shards, in manifest order."""
+    return [str((PREPARED / "train" / s["file"]).resolve()) for s in manifest["splits"]["train"]["shards"]]
 
 
 def pending_dataset(manifest: dict, missing: list[str]):
     """A Ray dataset of the ``missing`` train blocks, in prepared-shard order."""
     import ray.data
 
-    paths = [str((PREPARED / "train" / s["file"]).resolve()) for s in manifest["splits"]["train"]["shards"]]
-    wanted = pa.array(missing, type=pa.string())
+    paths = train_shard_paths(manifest)
     if sum(Path(p).stat().st_size for p in paths) <= SMALL_DATA_BYTES:
         # Small data: the driver selects the rows (starting read tasks costs seconds on 2 cores).
-        tables = [pq.read_table(p) for p in paths]
-        tables = [t.filter(pc.is_in(t.column("block_id"), value_set=wanted)) for t in tables]
-        return ray.data.from_arrow([t for t in tables if t.num_rows])
+        return ray.data.from_arrow(pending_tables(manifest, missing))
     keep = set(missing)
 
     def select(batch: dict) -> dict:

@@ -21,6 +21,7 @@ from tests.integration.conftest import BIN, TINY_PARAMS, deep_merge, make_projec
 
 PY = str(BIN / "python")
 BLOCK = 32
+INLINE_BLOCKS = 200
 
 
 def corpus_files(n: int, start: int = 0) -> list[tuple[str, str]]:
@@ -60,7 +61,9 @@ def labeling_project(path: Path, models: Path, corpus: Path) -> Path:
                  "max_doc_chars": 2000, "val_fraction": 0.15, "block_size": BLOCK, "shard_blocks": 24,
                  "tail_buckets": 8},
         "teacher": {"model": str(models / "teacher"), "layers": 1, "d_model": 32, "heads": 2},
-        "label": {"batch_size": 8}})
+        # the first labeling goes through the Ray Data pool, the added documents' few blocks
+        # are labeled in-process: the equality test below compares the two paths row for row
+        "label": {"batch_size": 8, "inline_blocks": INLINE_BLOCKS}})
     return make_project(path, params)
 
 
@@ -104,7 +107,7 @@ def incremental(tmp_path_factory, fixed_models, shared_ray):
     project = labeling_project(root / "project", fixed_models, corpus)
     stages(project, "prepare", "teacher")
     decide_distill(project)
-    stages(project, "label")
+    first_stdout = stages(project, "label")["label"].stdout
     first = json.loads((project / "data/labels/manifest.json").read_text())
     before = train_block_ids(project)
     write_corpus(corpus, corpus_files(4, start=40))
@@ -112,7 +115,7 @@ def incremental(tmp_path_factory, fixed_models, shared_ray):
     proc = stages(project, "label")["label"]
     return {"project": project, "first": first, "before": before, "after": train_block_ids(project),
             "second": json.loads((project / "data/labels/manifest.json").read_text()),
-            "stdout": proc.stdout}
+            "stdout": proc.stdout, "first_stdout": first_stdout}
 
 
 def test_added_documents_label_only_new_blocks(incremental):
@@ -123,6 +126,10 @@ def test_added_documents_label_only_new_blocks(incremental):
     assert second["reused"] == len(incremental["after"] & incremental["before"])
     assert second["blocks"] == len(incremental["after"]) and second["errors"] == 0
     assert f"labeling {len(new)} of {len(incremental['after'])} train blocks" in incremental["stdout"]
+    # the full labeling used the Ray Data pool; the few new blocks were labeled in-process
+    assert len(incremental["before"]) > INLINE_BLOCKS >= len(new)
+    assert "in this process" not in incremental["first_stdout"]
+    assert "labeling in this process" in incremental["stdout"]
     labels = label_rows(incremental["project"] / "data/labels")
     assert set(labels) == incremental["after"]  # no gaps, no stale rows
 

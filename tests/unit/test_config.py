@@ -39,6 +39,7 @@ def test_empty_params_give_defaults():
     ({"label": {"backend": "vllm", "gpus_per_actor": 1}, "distill": {"temperature": 2.0}},
      "label.backend = vllm needs distill.temperature = 1.0"),
     ({"data": 3}, "data must be a mapping"),
+    ({"label": {"inline_blocks": -1}}, "label.inline_blocks = -1 is out of range"),
 ])
 def test_bad_values_name_the_key(raw, fragment):
     with pytest.raises(ConfigError) as err:
