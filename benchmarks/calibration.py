@@ -144,6 +144,9 @@ def evaluate_split(records: list[dict], held: set[str], n_starts: int) -> dict:
                            "distill": sum(r["kind"] == "distill" for r in kept)},
             "heldout": errors, "picks": picks,
             "pick_accuracy": (sum(p["correct"] for p in picks) / len(picks)) if picks else None,
+            # how far the predicted margin L_sup - L_dist is from the measured one, in nats
+            "margin_error": (sum(abs(p["predicted_margin"] - p["measured_margin"]) for p in picks)
+                             / len(picks)) if picks else None,
             "predictions": [{"kind": r["kind"], "size": r["size"], "D": r["D"], "L_T": r.get("L_T"),
                              "measured": r["L"], "predicted": predict_record(coefs, r)} for r in test]}
 
@@ -175,7 +178,7 @@ def print_report(report: dict) -> None:
     print(f"\n{report['points']} points; sweep {report['sweep_seconds']:.0f} s "
           f"(points run now), total {report['total_seconds']:.0f} s")
     print(f"{'split':<8} {'fit sup/dist':>12} {'Eq.1 held-out mean/max':>24} "
-          f"{'Eq.8 held-out mean/max':>24} {'branch picks':>14}")
+          f"{'Eq.8 held-out mean/max':>24} {'branch picks':>14} {'margin err':>11}")
     for name, r in report["splits"].items():
         cells = []
         for kind in ("supervised", "distill"):
@@ -184,7 +187,9 @@ def print_report(report: dict) -> None:
         picks = r["picks"]
         acc = f"{sum(p['correct'] for p in picks)}/{len(picks)}" if picks else "-"
         fp = r["fit_points"]
-        print(f"{name:<8} {fp['supervised']:>5}/{fp['distill']:<6} {cells[0]:>24} {cells[1]:>24} {acc:>14}")
+        err = f"{r['margin_error']:.3f}" if r["margin_error"] is not None else "-"
+        print(f"{name:<8} {fp['supervised']:>5}/{fp['distill']:<6} {cells[0]:>24} {cells[1]:>24} {acc:>14} "
+              f"{err:>11}")
     for p in report["splits"]["query"]["picks"]:
         print(f"pipeline's own configuration {p['size']}, D={p['D']}, L_T={p['L_T']:.4f}: gate says "
               f"{p['gate']} (predicted margin {p['predicted_margin']:+.4f}), measured winner {p['actual']} "

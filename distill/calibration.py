@@ -42,11 +42,11 @@ import numpy as np
 import torch
 
 from distill.config import (DISTILLATION_LAW_PARAMS, SUPERVISED_LAW_PARAMS, Config, DistillConfig,
-                            ModelConfig, OptimConfig, heldout_count, parse_steps, parse_student_sizes,
-                            parse_teachers)
+                            ModelConfig, OptimConfig, distills, heldout_count, parse_steps,
+                            parse_student_sizes, parse_teachers)
 from distill.io import read_json, sha256_bytes, write_json
-from distill.law import (CoefficientSet, coefficient_set_from_fits, distillation_loss,
-                         fit_distillation, fit_supervised, heldout_error, save_coefficients,
+from distill.law import (CoefficientSet, coefficient_set_from_fits, distillation_error_floor,
+                         distillation_loss, fit_distillation, fit_supervised, heldout_error, save_coefficients,
                          supervised_loss)
 
 STORE_FORMAT = 1  # bump when a stored point's meaning changes (old results are then not reused)
@@ -109,7 +109,9 @@ def warmup_for_steps(cfg: Config, steps: int) -> int:
 
 
 def plan_points(cfg: Config) -> list[SweepPoint]:
-    """Supervised points (sizes × budgets), then distillation points (teachers × sizes × budgets)."""
+    """Supervised points (sizes × budgets), then distillation points (teachers × sizes ×
+    budgets; a swept teacher distills only the students smaller than itself, see
+    :func:`distill.config.distills`)."""
     cal = cfg.calibrate
     sizes, budgets = parse_student_sizes(cal.students), parse_steps(cal.steps)
     teachers = parse_teachers(cal.teachers, sizes)
@@ -123,7 +125,8 @@ def plan_points(cfg: Config) -> list[SweepPoint]:
 
     points = [point("supervised", layers, width, steps) for layers, width in sizes for steps in budgets]
     points += [point("distill", layers, width, steps, teacher)
-               for teacher in teachers for layers, width in sizes for steps in budgets]
+               for teacher in teachers for layers, width in sizes for steps in budgets
+               if distills(teacher, (layers, width))]
     return points
 
 
@@ -457,10 +460,41 @@ def fit_calibration(records: list[dict], heldout_share: float, n_starts: int = 3
     coefs = coefficient_set_from_fits("calibrated", sup_fit, dist_fit, quality)
     heldout = heldout_errors(coefs, [r for r in records if r["key"] in held])
     coefs.quality.update({f"heldout_{kind}": err for kind, err in heldout.items()})
+    coefs.quality.update(form_diagnostics(coefs, [r for r in records if r["key"] not in held], "fitted"))
+    coefs.quality.update(form_diagnostics(coefs, [r for r in records if r["key"] in held], "heldout"))
     for name, fit in (("supervised", sup_fit), ("distillation", dist_fit)):
         if fit.intervals is not None:
             coefs.quality[f"{name}_intervals_95"] = {k: list(v) for k, v in fit.intervals.items()}
     return CalibrationFit(coefs, heldout, predictions(coefs, records, held))
+
+
+def form_diagnostics(coefs: CoefficientSet, records: list[dict], which: str) -> dict[str, Any]:
+    """What the fitted laws can promise on ``records`` (``which``: fitted or heldout), for
+    the coefficients' quality record; keys are suffixed ``_<which>``:
+
+    * ``distillation_error_floor``: the error Eq. 8 must make on some distilled point whatever
+      its coefficients (a student below its teacher's loss), and ``distill_below_teacher``,
+      on how many points;
+    * ``margin_error``: mean |predicted − measured| of L_supervised − L_distilled over the
+      (size, budget, teacher) with both branches trained, in nats, and ``margin_mean_abs``,
+      the mean |measured margin|. The gate's choice is only as reliable as the first is
+      small against the margin it predicts (the gate warns when it is not)."""
+    dist = [r for r in records if r["kind"] == "distill"]
+    sup = {(r["size"], r["D"]): r["L"] for r in records if r["kind"] == "supervised"}
+    out: dict[str, Any] = {}
+    if dist:
+        floor = distillation_error_floor(*_arrays(dist, ("L_T", "L")))
+        out[f"distillation_error_floor_{which}"] = float(floor.max())
+        out[f"distill_below_teacher_{which}"] = int(np.count_nonzero(floor))
+    pairs = [(r, sup[(r["size"], r["D"])]) for r in dist if (r["size"], r["D"]) in sup]
+    if pairs:
+        predicted = [float(supervised_loss(r["N"], r["D"], coefs.supervised)) - predict_record(coefs, r)
+                     for r, _ in pairs]
+        measured = [s - r["L"] for r, s in pairs]
+        out[f"margin_error_{which}"] = float(np.mean(np.abs(np.subtract(predicted, measured))))
+        out[f"margin_mean_abs_{which}"] = float(np.mean(np.abs(measured)))
+        out[f"margin_pairs_{which}"] = len(pairs)
+    return out
 
 
 def _check_enough_points(sup: list[dict], dist: list[dict], heldout_share: float) -> None:

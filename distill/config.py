@@ -391,6 +391,18 @@ def parse_teachers(text: str, students: list[tuple[int, int]],
     return teachers
 
 
+def distills(teacher: str, student: tuple[int, int]) -> bool:
+    """Whether the sweep distills ``student`` (layers, d_model) from ``teacher``: the
+    pipeline's teacher distills every student, a swept teacher only students smaller than
+    itself (layers·d_model², ∝ non-embedding size). Eq. 8 predicts a student above its
+    teacher's loss; an equal or larger student is self-distillation or weak-to-strong,
+    outside the law, and measured at or below its teacher it only bends the fit."""
+    if teacher == "pipeline":
+        return True
+    t_layers, t_width = (int(x) for x in teacher.split("x"))
+    return student[0] * student[1] ** 2 < t_layers * t_width ** 2
+
+
 def heldout_count(n_points: int, share: float) -> int:
     """How many of ``n_points`` a held-out ``share`` keeps out of the fit."""
     return int(round(n_points * share))
@@ -407,7 +419,8 @@ def _check_calibrate(cfg: Config, source: str) -> None:
             raise ConfigError(f"{source}: calibrate.students: d_model {width} of {layers}x{width} must "
                               f"be divisible by calibrate.head_dim ({cal.head_dim})")
     for kind, n, need in (("supervised", len(students) * len(steps), SUPERVISED_LAW_PARAMS),
-                          ("distillation", len(students) * len(steps) * len(teachers),
+                          ("distillation", len(steps) * sum(distills(t, s) for t in teachers
+                                                             for s in students),
                            DISTILLATION_LAW_PARAMS)):
         fitted = n - heldout_count(n, cal.heldout_share)
         if fitted < need:

@@ -30,7 +30,8 @@ from distill.law import (
 )
 
 __all__ = [
-    "SCENARIOS", "TOKEN_RANGE", "OutOfSupportWarning", "GateQuery", "SupervisedBranch", "DistillBranch",
+    "SCENARIOS", "TOKEN_RANGE", "OutOfSupportWarning", "UnreliableDecisionWarning", "GateQuery",
+    "SupervisedBranch", "DistillBranch",
     "Decision", "decide", "teacher_loss_for", "crossover_tokens", "format_table", "plot_decision_map",
 ]
 
@@ -39,6 +40,10 @@ TOKEN_RANGE = (1e6, 1e17)  # bounds the paper put on every variable of compute-o
 
 class OutOfSupportWarning(UserWarning):
     """A gate query lies outside the region its coefficients were fitted on."""
+
+
+class UnreliableDecisionWarning(UserWarning):
+    """The predicted margin between the branches is within the calibrated laws' own margin error."""
 
 
 @dataclass(frozen=True)
@@ -367,9 +372,24 @@ def decide(query: GateQuery, coefs: CoefficientSet) -> Decision:
     })
     for msg in msgs:
         warnings.warn(msg, OutOfSupportWarning, stacklevel=2)
+    doubt = _margin_doubt(coefs, sup.loss - dist.loss)
+    if doubt:
+        warnings.warn(doubt, UnreliableDecisionWarning, stacklevel=2)
     choice = "distill" if dist.loss < sup.loss else "supervised"
     return Decision(choice, _reason(choice, query, coefs, sup, dist, note), query.scenario, coefs.name,
-                    not msgs, tuple(msgs), cross, note, sup, dist, query)
+                    not msgs, tuple(msgs) + ((doubt,) if doubt else ()), cross, note, sup, dist, query)
+
+
+def _margin_doubt(coefs: CoefficientSet, margin: float) -> str:
+    """A warning when |predicted margin| is below the laws' margin error measured by their
+    calibration (the larger of the fitted and held-out pairs' errors); '' otherwise."""
+    errors = [coefs.quality.get(f"margin_error_{which}") for which in ("fitted", "heldout")]
+    errors = [e for e in errors if e is not None]
+    if not errors or abs(margin) >= max(errors):
+        return ""
+    return (f"the predicted margin between the branches ({abs(margin):.3f} nats) is smaller than the "
+            f"laws' own margin error on their calibration runs ({max(errors):.3f} nats): at this "
+            f"scale the choice is not reliable; train both branches, or calibrate with longer runs")
 
 
 def _reason(choice: str, query: GateQuery, coefs: CoefficientSet, sup: SupervisedBranch,

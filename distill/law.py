@@ -617,6 +617,16 @@ def heldout_error(coefs: CoefficientSet | SupervisedCoefficients, N: Any, D: Any
     return {"mean_abs": float(np.mean(err)), "max_abs": float(np.max(err)), "n": int(err.size)}
 
 
+def distillation_error_floor(L_T: Any, L: Any) -> np.ndarray:
+    """The smallest |relative error| Eq. 8 can make at each point, whatever its coefficients.
+
+    Eq. 8 is L_T plus a positive term, so it predicts a student above its teacher's loss; a
+    distilled student measured below it (the loss mixes in next-token prediction, λ < 1, or
+    teacher and student are alike) is missed by at least (L_T − L) / L. Zero where L ≥ L_T."""
+    L_T, L = _arr(L_T), _arr(L)
+    return np.maximum(L_T - L, 0.0) / L
+
+
 def coefficient_set_from_fits(name: str, supervised: FitResult, distillation: FitResult | None = None,
                               quality: dict[str, Any] | None = None) -> CoefficientSet:
     """A CoefficientSet from fits, with support = the ranges of the fitted points."""

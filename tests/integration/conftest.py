@@ -25,7 +25,7 @@ TINY_PARAMS = {
                 "optim": {"steps": 30, "batch_size": 8, "warmup_steps": 3, "eval_every": 15, "lr": 0.01}},
     "student": {"layers": 1, "d_model": 16, "heads": 2},
     "gate": {"force": "distill"},
-    # A tiny sweep (8 supervised + 16 distillation points of a few steps): seconds per point.
+    # A tiny sweep (8 supervised + 12 distillation points of a few steps): seconds per point.
     "calibrate": {"students": "1x8, 1x16", "head_dim": 8, "steps": "5, 10, 20, 40",
                   "teachers": "pipeline, 1x16", "heldout_share": 0.1, "bootstrap": 5, "fit_starts": 8},
     "distill": {"top_k": 8, "alpha": 0.5},

@@ -15,7 +15,7 @@ from distill.calibration import (PointStore, SweepContext, SweepData, batch_indi
                                  split_heldout, teacher_point, train_point, warmup_for_steps,
                                  write_calibration)
 from distill.config import ConfigError, DistillConfig, build_config
-from distill.gate import GateQuery, decide
+from distill.gate import GateQuery, UnreliableDecisionWarning, decide
 from distill.io import sha256_bytes
 from distill.law import (PAPER, DistillationCoefficients, SupervisedCoefficients, distillation_loss,
                          load_coefficients, supervised_loss)
@@ -41,8 +41,10 @@ def test_plan_covers_sizes_budgets_and_teachers():
     points = plan_points(config())
     sup = [p for p in points if p.kind == "supervised"]
     dist = [p for p in points if p.kind == "distill"]
-    assert len(sup) == 3 * 2 and len(dist) == 3 * 2 * 2
+    # the pipeline's teacher distills all 3 sizes, the swept 3x96 only the 2 smaller ones
+    assert len(sup) == 3 * 2 and len(dist) == 3 * 2 + 2 * 2
     assert {p.teacher for p in dist} == {"pipeline", "3x96"}
+    assert {p.size for p in dist if p.teacher == "3x96"} == {"1x48", "2x64"}
     assert {(p.layers, p.d_model, p.heads) for p in sup} == {(1, 48, 3), (2, 64, 4), (3, 96, 6)}
 
 
@@ -79,6 +81,8 @@ def test_sweep_teacher_is_the_largest_budget_of_its_size():
     ({"heldout_share": 0.5}, "calibrate.heldout_share = 0.5"),
     ({"teachers": "pipeline", "steps": "100"}, "supervised law has 6 coefficients"),
     ({"heldout_share": 1.5}, "calibrate.heldout_share = 1.5 is out of range"),
+    # the smallest size as the only teacher distills no student: nothing to fit Eq. 8 on
+    ({"teachers": "1x48"}, "give 0 distillation points"),
 ])
 def test_bad_calibrate_params_name_the_key(calibrate, fragment):
     with pytest.raises(ConfigError, match=None) as info:
@@ -164,12 +168,12 @@ def tiny_data(tmp_path_factory):
                      eos_id=0, pad_id=1, tokenizer_dir=str(tok_dir))
 
 
-def _point(kind="supervised", steps=30, teacher=""):
+def _point(kind="supervised", steps=30, teacher="", size="1x32"):
     cfg = build_config({"train": {"batch_size": 8, "lr": 0.01, "steps": 30, "warmup_steps": 3},
                         "student": {"d_model": 32}, "calibrate": {"students": "1x16, 1x32", "head_dim": 8,
                                                                   "steps": "10, 20, 30", "heldout_share": 0,
                                                                   "teachers": "pipeline, 1x32"}})
-    return next(p for p in plan_points(cfg) if p.kind == kind and p.steps == steps and p.size == "1x32"
+    return next(p for p in plan_points(cfg) if p.kind == kind and p.steps == steps and p.size == size
                 and p.teacher == teacher)
 
 
@@ -182,10 +186,10 @@ def test_supervised_and_distilled_points_train_and_a_teacher_is_reusable(tiny_da
     assert labels["topk_ids"].shape == (40, 16, 8) and labels["rest_logprob"].shape == (40, 16)
     assert labels["topk_logprobs"].dtype == np.float16  # as the label stage stores them
     assert labels["teacher_loss"] == pytest.approx(rec["L"], rel=1e-4)  # same model, same val blocks
-    dist = train_point(_point("distill", 20, "1x32"), tiny_data, DistillConfig(top_k=8), labels)
+    dist = train_point(_point("distill", 20, "1x32", "1x16"), tiny_data, DistillConfig(top_k=8), labels)
     assert dist["L_T"] == labels["teacher_loss"] and math.isfinite(dist["L"])
     with pytest.raises(ValueError, match="need teacher labels"):
-        train_point(_point("distill", 20, "1x32"), tiny_data, DistillConfig(top_k=8))
+        train_point(_point("distill", 20, "1x32", "1x16"), tiny_data, DistillConfig(top_k=8))
 
 
 # ---------------------------------------------------------------------------- the fit
@@ -243,6 +247,28 @@ def test_fit_recovers_known_laws_and_writes_a_file_the_gate_uses(tmp_path):
     assert (decision.decision == "distill") == (truth_margin > 0)
     with pytest.warns(UserWarning, match="outside the support"):
         decide(dataclasses.replace(query, student_params=1e8), coefs)
+
+
+def test_fit_records_what_the_laws_can_promise_and_the_gate_warns_on_a_margin_within_it():
+    exact = fit_calibration(synthetic_records(), heldout_share=0.25, n_starts=8).coefficients.quality
+    # points drawn from the laws: no distilled student below its teacher, margins predicted
+    assert exact["distillation_error_floor_fitted"] == 0 and exact["distill_below_teacher_fitted"] == 0
+    assert exact["margin_pairs_fitted"] >= 10 and exact["margin_pairs_heldout"] >= 1
+    assert exact["margin_error_fitted"] < 0.01 < exact["margin_mean_abs_fitted"]
+    records = synthetic_records()
+    below = next(r for r in records if r["kind"] == "distill" and r["L_T"] == 3.2 and r["L"] > 3.3)
+    below["L"] = 3.0  # a student measured below its teacher: Eq. 8 cannot follow it
+    fit = fit_calibration(records, heldout_share=0.0, n_starts=8)
+    q = fit.coefficients.quality
+    assert q["distill_below_teacher_fitted"] == 1
+    assert q["distillation_error_floor_fitted"] == pytest.approx(0.2 / 3.0)
+    assert q["margin_error_fitted"] > exact["margin_error_fitted"]
+    noisy = dataclasses.replace(fit.coefficients, quality={**q, "margin_error_fitted": 5.0})
+    query = GateQuery(student_params=1e5, student_tokens=1e6, teacher_params=1e6, teacher_loss=2.6,
+                      n_ctx=128, n_vocab=2048)
+    with pytest.warns(UnreliableDecisionWarning, match="not reliable"):
+        decision = decide(query, noisy)
+    assert decision.in_support and any("margin error" in w for w in decision.warnings)
 
 
 def test_fit_with_too_few_points_after_holding_out_is_refused():
