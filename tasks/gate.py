@@ -69,7 +69,8 @@ def coefficient_quality(coefs) -> dict:
     or the paper's own note (valid only at its scale)."""
     keys = ("heldout_supervised", "heldout_distill", "supervised_points", "distillation_points",
             "supervised_max_abs_rel_error", "distillation_max_abs_rel_error", "note")
-    quality = {k: coefs.quality[k] for k in keys if k in coefs.quality}
+    forms = ("margin_error_", "margin_mean_abs_", "distillation_error_floor_", "distill_below_teacher_")
+    quality = {k: v for k, v in coefs.quality.items() if k in keys or k.startswith(forms)}
     if coefs.name != "paper" and not any(k.startswith("heldout_") for k in quality):
         quality["note"] = "no points were held out: the prediction error was not measured"
     return quality
