@@ -92,6 +92,15 @@ def plot_gate_outcome(decision: dict, actual_student_loss: float, actual_teacher
     return _save(fig, path, plt)
 
 
+def plot_note(text: str, path: str | Path) -> Path:
+    """A PNG that only says ``text`` (a stage's plot output when the stage had nothing to plot)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 2))
+    ax.axis("off")
+    ax.text(0.5, 0.5, text, ha="center", va="center", wrap=True, fontsize=10)
+    return _save(fig, path, plt)
+
+
 def _save(fig, path: str | Path, plt) -> Path:
     """Lay out, write the PNG (creating its folder) and free the figure."""
     fig.tight_layout()

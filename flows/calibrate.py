@@ -15,6 +15,7 @@ from pathlib import Path
 
 from prefect import flow
 
+from distill.config import Config
 from distill.io import read_json
 from distill.tracking import PARENT_RUN_ENV, ensure_experiment, git_commit
 from flows.pipeline import preflight, run_stage, stage_needs, stage_order
@@ -37,6 +38,15 @@ def stages_up_to(target: str, dvc_yaml: Path = Path("dvc.yaml")) -> list[str]:
     return [s for s in stage_order(dvc_yaml) if s in needed]
 
 
+def check_calibration_wanted(cfg: Config, params: Path) -> None:
+    """The calibrate stage sweeps only for ``gate.coefficients: auto``; asked to calibrate
+    otherwise, say so rather than run a stage that would skip."""
+    if cfg.gate.coefficients != "auto":
+        raise ValueError(f"{params}: gate.coefficients = {cfg.gate.coefficients}: the calibrate "
+                         "stage only sweeps for gate.coefficients: auto (the gate would not read "
+                         "the fit); set it to auto to calibrate")
+
+
 @flow(name="distill-calibrate", log_prints=False)
 def calibrate(root: str = ".") -> dict:
     """Run the calibration (and the stages before it) under one parent MLflow run; returns
@@ -47,6 +57,7 @@ def calibrate(root: str = ".") -> dict:
     root_path = Path(root).resolve()
     os.chdir(root_path)
     cfg = preflight(root_path)  # fails before any work on bad params or an unusable store
+    check_calibration_wanted(cfg, root_path / "params.yaml")
     experiment = ensure_experiment(cfg, root_path)
     # The pipeline's lock: a calibration and a pipeline run never drive DVC in one project at once.
     tags = {"distill.flow": "calibrate", "mlflow.source.git.commit": git_commit(root_path) or "unknown"}

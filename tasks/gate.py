@@ -59,9 +59,15 @@ def run(cfg: Config, out: Path = DECISION, map_path: Path = DECISION_MAP) -> dic
 
 def coefficient_source(setting: str) -> str:
     """``auto`` → the calibrated ``gate/coefficients.json`` when present, else ``paper``."""
-    if setting == "auto":
-        return str(COEFFICIENTS) if COEFFICIENTS.is_file() else "paper"
-    return setting
+    if setting != "auto":
+        return setting
+    if not COEFFICIENTS.is_file():
+        return "paper"
+    calibration = read_json(COEFFICIENTS)
+    if calibration.get("status") == "skipped":  # DVC re-runs calibrate when the setting changes
+        raise ValueError(f"{COEFFICIENTS}: the calibration was skipped ({calibration['reason']}); "
+                         "with gate.coefficients = auto run the calibrate stage first (dvc repro gate)")
+    return str(COEFFICIENTS)
 
 
 def coefficient_quality(coefs) -> dict:

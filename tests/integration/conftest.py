@@ -24,7 +24,8 @@ TINY_PARAMS = {
     "teacher": {"layers": 2, "d_model": 32, "heads": 2,
                 "optim": {"steps": 30, "batch_size": 8, "warmup_steps": 3, "eval_every": 15, "lr": 0.01}},
     "student": {"layers": 1, "d_model": 16, "heads": 2},
-    "gate": {"force": "distill"},
+    # The paper's coefficients: the calibrate stage skips its sweep (CALIBRATED turns it on).
+    "gate": {"force": "distill", "coefficients": "paper"},
     # A tiny sweep (8 supervised + 12 distillation points of a few steps): seconds per point.
     "calibrate": {"students": "1x8, 1x16", "head_dim": 8, "steps": "5, 10, 20, 40",
                   "teachers": "pipeline, 1x16", "heldout_share": 0.1, "bootstrap": 5, "fit_starts": 8},
@@ -34,6 +35,11 @@ TINY_PARAMS = {
               "checkpoint_every": 10, "lr": 0.01},
     "evaluate": {"max_blocks": 32, "batch_size": 8},
 }
+
+
+def calibrated_params() -> dict:
+    """TINY_PARAMS with the gate on this project's calibration (the calibrate stage sweeps)."""
+    return deep_merge(TINY_PARAMS, {"gate": {"coefficients": "auto"}})
 
 
 def run(cmd: list[str], cwd: Path, check: bool = True, **kw) -> subprocess.CompletedProcess:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import BIN, make_project, run
+from .conftest import BIN, calibrated_params, make_project, run
 
 pytestmark = pytest.mark.integration
 
@@ -30,7 +30,7 @@ def mlflow_runs(project: Path) -> list:
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory, shared_ray):
     """A tiny project after `distill calibrate` (prepare, teacher, calibrate through DVC)."""
-    project = make_project(tmp_path_factory.mktemp("calibrate") / "project")
+    project = make_project(tmp_path_factory.mktemp("calibrate") / "project", calibrated_params())
     proc = run([str(BIN / "distill"), "calibrate", "--root", str(project)], cwd=project, timeout=1200)
     (project / "calibrate.log").write_text(proc.stdout + proc.stderr)
     return project, proc.stdout + proc.stderr

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from .conftest import BIN, TINY_PARAMS, deep_merge, make_project, run
+from .conftest import BIN, TINY_PARAMS, calibrated_params, deep_merge, make_project, run
 
 pytestmark = pytest.mark.integration
 
@@ -40,7 +40,7 @@ def lock_outs(project: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def repro_project(tmp_path_factory, shared_ray):
     """A tiny project after one full `dvc repro`."""
-    project = make_project(tmp_path_factory.mktemp("repro") / "project")
+    project = make_project(tmp_path_factory.mktemp("repro") / "project", calibrated_params())
     proc = run([str(BIN / "dvc"), "repro"], cwd=project, timeout=1500)
     (project / "first_repro.log").write_text(proc.stdout + proc.stderr)
     return project
@@ -100,7 +100,7 @@ def test_mlflow_has_stage_runs_and_registered_model(repro_project):
     runs = [r for r in runs if "distill.stage" in r.data.tags]
     assert sorted(r.data.tags["distill.stage"] for r in runs) == sorted(STAGES)
     calibrate = next(r for r in runs if r.data.tags["distill.stage"] == "calibrate")
-    assert len(points) == 24 and {r.data.tags["mlflow.parentRunId"] for r in points} == {calibrate.info.run_id}
+    assert len(points) == 20 and {r.data.tags["mlflow.parentRunId"] for r in points} == {calibrate.info.run_id}
     evaluate = next(r for r in runs if r.data.tags["distill.stage"] == "evaluate")
     assert evaluate.data.tags["distill.decision"] == "distill"
     assert evaluate.data.params["dvc.data/prepared"] == lock_outs(repro_project)["data/prepared"]
@@ -168,7 +168,7 @@ def test_prefect_flow_runs_the_same_dag(repro_project, tmp_path_factory, shared_
 
     from flows.pipeline import pipeline
 
-    project = make_project(tmp_path_factory.mktemp("flow") / "project")
+    project = make_project(tmp_path_factory.mktemp("flow") / "project", calibrated_params())
     monkeypatch.chdir(project)
     with prefect_test_harness(server_startup_timeout=120):
         summary = pipeline(root=str(project))

@@ -60,6 +60,16 @@ def test_second_run_reuses_data_and_teacher(two_runs):
     assert "Running stage 'train'" in log and "Running stage 'evaluate'" in log
 
 
+def test_calibrate_skips_its_sweep_when_the_gate_uses_the_papers_coefficients(two_runs):
+    project, _, _, log = two_runs
+    assert "calibrate stage skipped: gate.coefficients = paper" in log
+    coefs = json.loads((project / "gate/coefficients.json").read_text())
+    assert coefs["status"] == "skipped" and "set it to auto" in coefs["reason"]
+    assert not list(project.glob("runs/calibrate/points/*.json"))  # no sweep point ran
+    decision = json.loads((project / "gate/decision.json").read_text())
+    assert decision["coefficients"] == "paper"
+
+
 def test_worse_second_run_leaves_the_first_as_champion(two_runs):
     project, first, second, log = two_runs
     assert second["student"]["val_loss"] > first["student"]["val_loss"]

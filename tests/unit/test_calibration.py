@@ -4,6 +4,7 @@ and the coefficients file it writes (which the gate then reads)."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 import math
 import warnings
 
@@ -303,3 +304,28 @@ def test_calibrate_runs_after_the_teacher_and_before_the_gate():
     assert order.index("teacher") < order.index("calibrate") < order.index("gate")
     with pytest.raises(ValueError, match="no stage 'calibrat'"):
         stages_up_to("calibrat", dvc_yaml)
+
+
+def test_a_skipped_calibration_is_written_and_never_read_as_coefficients(tmp_path, monkeypatch):
+    import json
+
+    from tasks.calibrate import run as calibrate
+    from tasks.gate import coefficient_source
+
+    monkeypatch.chdir(tmp_path)  # nothing else here: a skip reads no data, teacher or store
+    out, points, plot = Path("gate/coefficients.json"), Path("gate/points.json"), Path("gate/cal.png")
+    result = calibrate(build_config({"gate": {"coefficients": "paper"}}), out, points, plot)
+    assert result["status"] == "skipped" and "gate.coefficients = paper" in result["reason"]
+    assert json.loads(out.read_text())["status"] == "skipped"
+    assert json.loads(points.read_text())["points"] == [] and plot.stat().st_size > 1000
+    assert coefficient_source("paper") == "paper"
+    with pytest.raises(ValueError, match="calibration was skipped .* run the calibrate stage first"):
+        coefficient_source("auto")  # auto never falls back silently on a skipped calibration
+
+
+def test_the_calibrate_flow_refuses_when_the_gate_would_not_read_the_fit():
+    from flows.calibrate import check_calibration_wanted
+
+    check_calibration_wanted(build_config({}), Path("params.yaml"))  # auto: calibrate
+    with pytest.raises(ValueError, match="params.yaml: gate.coefficients = paper: the calibrate stage only"):
+        check_calibration_wanted(build_config({"gate": {"coefficients": "paper"}}), Path("params.yaml"))
