@@ -152,25 +152,36 @@ def test_incremental_labels_equal_labels_from_scratch(incremental, tmp_path):
 def killed_and_resumed(project: Path, tmp_path: Path, expected: dict) -> None:
     """SIGKILL the label stage once its first shard file exists, re-run: same rows as without."""
     shutil.move(project / "data/labels", tmp_path / "scratch")
+    labels = project / "data/labels"
+    for _ in range(3):
+        kill_after_first_shard(project, labels)
+        if not (labels / "manifest.json").exists():
+            break
+        # The tiny teacher labels the rest within milliseconds of the first shard: this run
+        # finished before the kill landed, so it was no interruption. Try again.
+        shutil.rmtree(labels)
+    done = list(labels.glob("labels-*.parquet"))
+    assert done and not (labels / "manifest.json").exists(), "the label stage was never interrupted"
+    out = stages(project, "label")["label"].stdout
+    resumed = json.loads((labels / "manifest.json").read_text())
+    assert resumed["reused"] >= 24 and resumed["labeled_now"] == len(expected) - resumed["reused"], resumed
+    assert f"({resumed['reused']} already labeled" in out, out
+    assert label_rows(labels) == expected, "resumed labels differ from an uninterrupted run's"
+    assert sorted(p.name for p in labels.glob("labels-*.parquet")) == \
+        sorted(p.name for p in (tmp_path / "scratch").glob("labels-*.parquet"))
+
+
+def kill_after_first_shard(project: Path, labels: Path) -> None:
+    """Start the label stage and SIGKILL its process group once a label shard exists."""
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     proc = subprocess.Popen([PY, "-m", "tasks.label"], cwd=project, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    labels = project / "data/labels"
     deadline = time.monotonic() + 240
     while not list(labels.glob("labels-*.parquet")) and proc.poll() is None:
         assert time.monotonic() < deadline, "no label shard appeared"
-        time.sleep(0.05)
+        time.sleep(0.005)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    done = list(labels.glob("labels-*.parquet"))
-    assert done and not (labels / "manifest.json").exists()  # really interrupted mid-run
-    out = stages(project, "label")["label"].stdout
-    resumed = json.loads((labels / "manifest.json").read_text())
-    assert resumed["reused"] >= 24 and resumed["labeled_now"] == len(expected) - resumed["reused"]
-    assert f"({resumed['reused']} already labeled" in out
-    assert label_rows(labels) == expected
-    assert sorted(p.name for p in labels.glob("labels-*.parquet")) == \
-        sorted(p.name for p in (tmp_path / "scratch").glob("labels-*.parquet"))
 
 
 def test_hard_soft_labels_through_the_stage(incremental):

@@ -34,7 +34,12 @@ def data(tmp_path_factory, shared_ray):
     write_block_shards(blocks[:576], root / "train", 192)
     write_block_shards(blocks[576:], root / "val", 64)
     init_ray(RayConfig())
-    return root
+    yield root
+    # Leave the shared head before the session stops it: a driver still connected when its
+    # GCS dies exits the whole pytest process (status 1, the summary unprinted).
+    import ray
+
+    ray.shutdown()
 
 
 def spec(data: Path, storage: Path, **kw) -> TrainSpec:
