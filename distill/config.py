@@ -399,7 +399,7 @@ def distills(teacher: str, student: tuple[int, int]) -> bool:
     outside the law, and measured at or below its teacher it only bends the fit."""
     if teacher == "pipeline":
         return True
-    t_layers, t_width = (int(x) for x in teacher.split("x"))
+    ((t_layers, t_width),) = parse_student_sizes(teacher, "calibrate.teachers")
     return student[0] * student[1] ** 2 < t_layers * t_width ** 2
 
 

@@ -20,7 +20,7 @@ from distill.io import read_json
 from distill.tracking import PARENT_RUN_ENV, ensure_experiment, git_commit
 from flows.pipeline import preflight, run_stage, stage_needs, stage_order
 from flows.runlock import pipeline_lock
-from tasks.common import COEFFICIENTS, quiet_telemetry
+from tasks.common import COEFFICIENTS, calibration_skip_reason, quiet_telemetry
 
 RETRIES = {"calibrate": 1}
 
@@ -39,12 +39,9 @@ def stages_up_to(target: str, dvc_yaml: Path = Path("dvc.yaml")) -> list[str]:
 
 
 def check_calibration_wanted(cfg: Config, params: Path) -> None:
-    """The calibrate stage sweeps only for ``gate.coefficients: auto``; asked to calibrate
-    otherwise, say so rather than run a stage that would skip."""
-    if cfg.gate.coefficients != "auto":
-        raise ValueError(f"{params}: gate.coefficients = {cfg.gate.coefficients}: the calibrate "
-                         "stage only sweeps for gate.coefficients: auto (the gate would not read "
-                         "the fit); set it to auto to calibrate")
+    """Asked to calibrate where the stage would skip its sweep, say so rather than run it."""
+    if reason := calibration_skip_reason(cfg):
+        raise ValueError(f"{params}: {reason}")
 
 
 @flow(name="distill-calibrate", log_prints=False)

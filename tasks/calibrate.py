@@ -26,7 +26,7 @@ from distill.io import read_json, write_json
 from distill.plots import plot_note
 from distill.raylocal import init_ray
 from tasks.common import (COEFFICIENTS, PREPARED, RUNS, TEACHER_DIR, TEACHER_JSON, log_to_mlflow,
-                          stage_main)
+                          calibration_skip_reason, stage_main, write_skipped)
 
 CALIBRATION_POINTS = Path("gate/calibration_points.json")
 CALIBRATION_PLOT = Path("gate/calibration.png")
@@ -36,10 +36,10 @@ CALIBRATION_STORE = RUNS / "calibrate"  # outside DVC's outputs: survives re-run
 def run(cfg: Config, out: Path = COEFFICIENTS, points_path: Path = CALIBRATION_POINTS,
         plot_path: Path = CALIBRATION_PLOT, store_root: Path = CALIBRATION_STORE) -> dict:
     """Run what is missing of the sweep, fit, write the outputs; returns a summary."""
-    if cfg.gate.coefficients != "auto":
-        return write_skipped(f"gate.coefficients = {cfg.gate.coefficients}: the gate does not read "
-                             "this project's calibration (set it to auto to calibrate)",
-                             out, points_path, plot_path)
+    if reason := calibration_skip_reason(cfg):  # each output says why; stored points stay
+        write_json(points_path, {"status": "skipped", "reason": reason, "points": []})
+        plot_note(f"calibration skipped:\n{reason}", plot_path)
+        return write_skipped("calibrate", out, reason)
     manifest, teacher = read_json(PREPARED / "manifest.json"), read_json(TEACHER_JSON)
     points = plan_points(cfg)
     ctx = SweepContext(data_hash(manifest), cfg.evaluate.max_blocks, loss_settings(cfg.distill),
@@ -71,16 +71,6 @@ def run(cfg: Config, out: Path = COEFFICIENTS, points_path: Path = CALIBRATION_P
                               for k, v in err.items()}},
                   artifacts=[out, points_path, plot_path])
     return summary
-
-
-def write_skipped(reason: str, out: Path, points_path: Path, plot_path: Path) -> dict:
-    """The stage's outputs when no calibration is wanted: each file says why (points kept)."""
-    result = {"status": "skipped", "reason": reason}
-    write_json(out, result)
-    write_json(points_path, {**result, "points": []})
-    plot_note(f"calibration skipped:\n{reason}", plot_path)
-    print(f"calibrate stage skipped: {reason}")
-    return result
 
 
 @contextlib.contextmanager

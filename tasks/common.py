@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.config import Config, ConfigError, load_config
+from distill.io import write_json
 from distill.tracking import flatten, stage_run, tracking_uri
 
 PREPARED = Path("data/prepared")
@@ -33,6 +34,24 @@ TELEMETRY_OFF = {"DO_NOT_TRACK": "1", "RAY_USAGE_STATS_ENABLED": "0",
                  # Prefect's temporary server migrates a fresh database on first start:
                  # 20 s (the default) is too short on a 2-core machine.
                  "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
+
+
+def calibration_skip_reason(cfg: Config) -> str:
+    """Why the calibrate stage has no sweep to run ('' when it has): only the gate's
+    ``gate.coefficients: auto`` reads the fit (the stage and ``distill calibrate`` ask here)."""
+    if cfg.gate.coefficients == "auto":
+        return ""
+    return (f"gate.coefficients = {cfg.gate.coefficients}: the calibrate stage only sweeps for "
+            "gate.coefficients: auto (the gate would not read the fit); set it to auto to calibrate")
+
+
+def write_skipped(stage: str, path: Path, reason: str) -> dict:
+    """The explicit output of a stage with nothing to do, ``{"status": "skipped", "reason"}``
+    at ``path``, said on stdout; returns it."""
+    result = {"status": "skipped", "reason": reason}
+    write_json(path, result)
+    print(f"{stage} stage skipped: {reason}")
+    return result
 
 
 def quiet_telemetry() -> None:

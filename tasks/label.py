@@ -32,7 +32,8 @@ from distill.labels import (LabelSettings, compact_shard, index_label_shards, la
                             write_label_shard)
 from distill.raylocal import init_ray
 from distill.teachers import resolve_backend
-from tasks.common import DECISION, LABELS, PREPARED, TEACHER_DIR, TEACHER_JSON, log_to_mlflow, stage_main
+from tasks.common import (DECISION, LABELS, PREPARED, TEACHER_DIR, TEACHER_JSON, log_to_mlflow,
+                          stage_main, write_skipped)
 
 ERRORS_FILE = "errors.parquet"
 SMALL_DATA_BYTES = 256 * 1024 * 1024  # below this the driver selects the pending blocks itself
@@ -43,9 +44,12 @@ def run(cfg: Config, out: Path = LABELS) -> dict:
     decision = read_json(DECISION)
     out.mkdir(parents=True, exist_ok=True)
     if decision["decision"] != "distill":
-        return write_skipped(out, f"gate decided {decision['decision']!r}: {decision.get('reason', '')}")
+        # old label files stay as cache
+        return write_skipped("label", out / "manifest.json",
+                             f"gate decided {decision['decision']!r}: {decision.get('reason', '')}")
     if cfg.distill.source == "online":
-        return write_skipped(out, "distill.source = online: the teacher runs inside training")
+        return write_skipped("label", out / "manifest.json",
+                             "distill.source = online: the teacher runs inside training")
     result = label_train_blocks(cfg, out, read_json(TEACHER_JSON), read_json(PREPARED / "manifest.json"))
     log_to_mlflow(params={"label": {"k": result["settings"]["k"], "temperature": cfg.distill.temperature,
                                     "mode": cfg.label.mode,
@@ -94,14 +98,6 @@ def train_block_ids(manifest: dict) -> list[str]:
     for path in train_shard_paths(manifest):
         ids.extend(pq.read_table(path, columns=["block_id"]).column(0).to_pylist())
     return ids
-
-
-def write_skipped(out: Path, reason: str) -> dict:
-    """The explicit manifest of a run that needs no labels; old label files stay as cache."""
-    result = {"status": "skipped", "reason": reason}
-    write_json(out / "manifest.json", result)
-    print(f"label stage skipped: {result['reason']}")
-    return result
 
 
 def label_blocks(cfg: Config, missing: list[str], settings: LabelSettings, manifest: dict,

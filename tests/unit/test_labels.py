@@ -1,5 +1,8 @@
 """The label format: round trip through parquet, settings recorded and enforced."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -338,3 +341,20 @@ def test_soft_mode_ignores_generation_lengths():
     from distill.config import build_config
 
     build_config({"label": {"mode": "soft", "prompt_tokens": 100, "max_new_tokens": 64}})
+
+
+@pytest.mark.parametrize("decision, raw, why", [
+    ("supervised", {}, "gate decided 'supervised': law"),
+    ("distill", {"distill": {"source": "online"}}, "distill.source = online"),
+])
+def test_label_stage_writes_an_explicit_skipped_manifest(tmp_path, monkeypatch, capsys, decision, raw, why):
+    from distill.config import build_config
+    from tasks.label import run
+
+    monkeypatch.chdir(tmp_path)  # a skip reads only the decision: no data, no teacher
+    Path("gate").mkdir()
+    Path("gate/decision.json").write_text(json.dumps({"decision": decision, "reason": "law"}))
+    result = run(build_config(raw), tmp_path / "labels")
+    manifest = json.loads((tmp_path / "labels/manifest.json").read_text())
+    assert result == manifest and manifest["status"] == "skipped" and why in manifest["reason"]
+    assert f"label stage skipped: {manifest['reason']}" in capsys.readouterr().out
