@@ -16,6 +16,12 @@ Figures: mean/max |relative error| of Eq. 1 and Eq. 8 on held-out points, and th
 held-out configurations (size, budget, teacher) where the gate — losses compared at equal
 student tokens — picks the branch whose measured loss is lower.
 
+A measured winner is only real when its margin exceeds the runs' own noise. With
+``--noise-seeds K`` (default 2) the pipeline's own configuration is also trained with K more
+seeds (initialisation and data order); the spread of its margins L_sup − L_dist over the
+seeds is the noise, and the picks are also reported over the configurations whose measured
+margin exceeds twice it (the others are ties at this noise).
+
     python benchmarks/calibration.py --project /path/to/project [--store DIR] [--out result.json]
 """
 
@@ -41,6 +47,8 @@ def main() -> None:
     parser.add_argument("--store", type=Path, default=None, help="point store (default: <project>/runs/calibrate)")
     parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
     parser.add_argument("--fit-starts", type=int, default=None, help="L-BFGS-B starts (default: params)")
+    parser.add_argument("--noise-seeds", type=int, default=2,
+                        help="extra seeds of the pipeline's own configuration to measure run noise (0 = none)")
     parser.add_argument("--stored-only", action="store_true",
                         help="run nothing: evaluate the points already in the store (a partial sweep)")
     args = parser.parse_args()
@@ -53,21 +61,26 @@ def main() -> None:
 
     cfg = load_config(args.params.resolve() if args.params else Path("params.yaml"))
     started = time.perf_counter()
-    records, query_keys, seconds = run_points(cfg, args.store or Path("runs/calibrate"), args.stored_only)
+    records, query_keys, seconds = run_points(cfg, args.store or Path("runs/calibrate"), args.stored_only,
+                                              args.noise_seeds)
+    noise = run_noise(records, cfg.seed)
+    records = [r for r in records if r["point"]["seed"] == cfg.seed]  # replicates measure noise only
     starts = args.fit_starts or cfg.calibrate.fit_starts
-    results = {name: evaluate_split(records, held, starts)
+    results = {name: evaluate_split(records, held, starts, noise.get("margin_std"))
                for name, held in splits(records, query_keys, cfg.calibrate.heldout_share).items()}
     report = {"points": len(records), "sweep_seconds": seconds,
-              "total_seconds": time.perf_counter() - started, "splits": results,
+              "total_seconds": time.perf_counter() - started, "noise": noise, "splits": results,
               "params": dataclasses.asdict(cfg.calibrate)}
     print_report(report)
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
 
 
-def run_points(cfg, store_root: Path, stored_only: bool = False) -> tuple[list[dict], set[str], float]:
-    """The sweep plus the pipeline's own configuration; returns every record, the query's keys
-    and the wall time of the points run now."""
+def run_points(cfg, store_root: Path, stored_only: bool = False,
+               noise_seeds: int = 0) -> tuple[list[dict], set[str], float]:
+    """The sweep plus the pipeline's own configuration (and its ``noise_seeds`` replicates);
+    returns every record, the query's keys (seed ``cfg.seed``) and the wall time of the points
+    run now."""
     from distill.calibration import (PointStore, SweepContext, data_hash, load_sweep_data,
                                      loss_settings, plan_points, plan_sweep, run_sweep, warmup_for_steps)
     from distill.io import read_json
@@ -83,6 +96,8 @@ def run_points(cfg, store_root: Path, stored_only: bool = False) -> tuple[list[d
     steps, warmup = cfg.train.steps, warmup_for_steps(cfg, cfg.train.steps)
     query = {dataclasses.replace(p, steps=steps, warmup_steps=warmup) for p in template}
     points += sorted(query - set(points), key=lambda p: (p.kind, p.teacher))
+    points += [dataclasses.replace(p, seed=cfg.seed + i) for i in range(1, noise_seeds + 1)
+               for p in sorted(query, key=lambda p: (p.kind, p.teacher))]
     ctx = SweepContext(data_hash(manifest), cfg.evaluate.max_blocks, loss_settings(cfg.distill),
                        teacher["fingerprint"])
     store = PointStore(store_root)
@@ -109,6 +124,33 @@ def run_points(cfg, store_root: Path, stored_only: bool = False) -> tuple[list[d
     return records, query_keys, seconds
 
 
+def run_noise(records: list[dict], seed: int) -> dict:
+    """Seed noise of the pipeline's own configuration (the only one with seeds other than
+    ``seed``): per teacher, the margins L_sup − L_dist of each seed, and their standard
+    deviation (ddof 1) averaged over teachers."""
+    import numpy as np
+
+    by_seed: dict[int, dict] = {}
+    replicates = [r for r in records if r["point"]["seed"] != seed]
+    if not replicates:
+        return {}
+    size, steps = replicates[0]["size"], replicates[0]["point"]["steps"]
+    for r in records:
+        if r["size"] == size and r["point"]["steps"] == steps:
+            by_seed.setdefault(r["point"]["seed"], {})[r["point"]["teacher"] or "supervised"] = r["L"]
+    margins: dict[str, list[float]] = {}
+    for losses in by_seed.values():
+        for teacher, loss in losses.items():
+            if teacher != "supervised" and "supervised" in losses:
+                margins.setdefault(teacher, []).append(losses["supervised"] - loss)
+    losses = {name: [by_seed[s][name] for s in sorted(by_seed) if name in by_seed[s]]
+              for name in {n for v in by_seed.values() for n in v}}
+    return {"configuration": f"{size} at {steps} steps", "seeds": sorted(by_seed),
+            "losses": losses, "margins": margins,
+            "loss_std": float(np.mean([np.std(v, ddof=1) for v in losses.values() if len(v) > 1])),
+            "margin_std": float(np.mean([np.std(v, ddof=1) for v in margins.values() if len(v) > 1]))}
+
+
 def config_of(record: dict) -> tuple:
     """A configuration: student size and budget (its supervised and distilled points)."""
     return record["size"], record["D"]
@@ -122,7 +164,8 @@ def splits(records: list[dict], query_keys: set[str], share: float) -> dict[str,
     sweep = [r for r in records if r["key"] not in query_keys]
     configs = sorted({config_of(r) for r in sweep}, key=lambda c: sha256_bytes(repr(c).encode()))
     random_held = set(configs[: max(1, heldout_count(len(configs), share))])
-    largest = max(r["D"] for r in sweep)
+    # the students' largest budget (a swept teacher's longer run is not a configuration tested)
+    largest = max(r["D"] for r in sweep if r["kind"] == "distill")
     return {
         "random": {r["key"] for r in sweep if config_of(r) in random_held} | query_keys,
         "largest": {r["key"] for r in sweep if r["D"] == largest} | query_keys,
@@ -130,8 +173,9 @@ def splits(records: list[dict], query_keys: set[str], share: float) -> dict[str,
     }
 
 
-def evaluate_split(records: list[dict], held: set[str], n_starts: int) -> dict:
-    """Fit on the kept points; held-out errors of both laws and the gate's branch-pick accuracy."""
+def evaluate_split(records: list[dict], held: set[str], n_starts: int, margin_std: float | None = None) -> dict:
+    """Fit on the kept points; held-out errors of both laws and the gate's branch-pick accuracy
+    (also over the picks whose measured margin exceeds twice the seed noise ``margin_std``)."""
     from distill.calibration import fit_calibration, heldout_errors, predict_record
 
     kept = [dict(r) for r in records if r["key"] not in held]
@@ -140,10 +184,12 @@ def evaluate_split(records: list[dict], held: set[str], n_starts: int) -> dict:
     coefs = fit.coefficients
     errors = heldout_errors(coefs, test)
     picks = branch_picks(coefs, test)
+    decided = [p for p in picks if margin_std is not None and abs(p["measured_margin"]) > 2 * margin_std]
     return {"fit_points": {"supervised": sum(r["kind"] == "supervised" for r in kept),
                            "distill": sum(r["kind"] == "distill" for r in kept)},
             "heldout": errors, "picks": picks,
             "pick_accuracy": (sum(p["correct"] for p in picks) / len(picks)) if picks else None,
+            "decided_picks": {"correct": sum(p["correct"] for p in decided), "n": len(decided)},
             # how far the predicted margin L_sup - L_dist is from the measured one, in nats
             "margin_error": (sum(abs(p["predicted_margin"] - p["measured_margin"]) for p in picks)
                              / len(picks)) if picks else None,
@@ -177,8 +223,13 @@ def branch_picks(coefs, test: list[dict]) -> list[dict]:
 def print_report(report: dict) -> None:
     print(f"\n{report['points']} points; sweep {report['sweep_seconds']:.0f} s "
           f"(points run now), total {report['total_seconds']:.0f} s")
+    noise = report["noise"]
+    if noise:
+        print(f"seed noise ({noise['configuration']}, seeds {noise['seeds']}): loss std "
+              f"{noise['loss_std']:.4f}, margin std {noise['margin_std']:.4f} nats; margins "
+              + ", ".join(f"{t}: " + " ".join(f"{m:+.4f}" for m in ms) for t, ms in noise["margins"].items()))
     print(f"{'split':<8} {'fit sup/dist':>12} {'Eq.1 held-out mean/max':>24} "
-          f"{'Eq.8 held-out mean/max':>24} {'branch picks':>14} {'margin err':>11}")
+          f"{'Eq.8 held-out mean/max':>24} {'branch picks':>14} {'beyond noise':>13} {'margin err':>11}")
     for name, r in report["splits"].items():
         cells = []
         for kind in ("supervised", "distill"):
@@ -188,8 +239,10 @@ def print_report(report: dict) -> None:
         acc = f"{sum(p['correct'] for p in picks)}/{len(picks)}" if picks else "-"
         fp = r["fit_points"]
         err = f"{r['margin_error']:.3f}" if r["margin_error"] is not None else "-"
+        dp = r["decided_picks"]
+        beyond = f"{dp['correct']}/{dp['n']}" if noise else "-"
         print(f"{name:<8} {fp['supervised']:>5}/{fp['distill']:<6} {cells[0]:>24} {cells[1]:>24} {acc:>14} "
-              f"{err:>11}")
+              f"{beyond:>13} {err:>11}")
     for p in report["splits"]["query"]["picks"]:
         print(f"pipeline's own configuration {p['size']}, D={p['D']}, L_T={p['L_T']:.4f}: gate says "
               f"{p['gate']} (predicted margin {p['predicted_margin']:+.4f}), measured winner {p['actual']} "

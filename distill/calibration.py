@@ -43,7 +43,7 @@ import torch
 
 from distill.config import (DISTILLATION_LAW_PARAMS, SUPERVISED_LAW_PARAMS, Config, DistillConfig,
                             ModelConfig, OptimConfig, distills, heldout_count, parse_steps,
-                            parse_student_sizes, parse_teachers)
+                            parse_student_sizes, parse_teachers, plan_supervised)
 from distill.io import read_json, sha256_bytes, write_json
 from distill.law import (CoefficientSet, coefficient_set_from_fits, distillation_error_floor,
                          distillation_loss, fit_distillation, fit_supervised, heldout_error, save_coefficients,
@@ -109,12 +109,12 @@ def warmup_for_steps(cfg: Config, steps: int) -> int:
 
 
 def plan_points(cfg: Config) -> list[SweepPoint]:
-    """Supervised points (sizes × budgets), then distillation points (teachers × sizes ×
-    budgets; a swept teacher distills only the students smaller than itself, see
-    :func:`distill.config.distills`)."""
+    """Supervised points (sizes × budgets, and each swept teacher at ``teacher_steps``), then
+    distillation points (teachers × sizes × budgets; a swept teacher distills only the
+    students smaller than itself, see :func:`distill.config.distills`)."""
     cal = cfg.calibrate
     sizes, budgets = parse_student_sizes(cal.students), parse_steps(cal.steps)
-    teachers = parse_teachers(cal.teachers, sizes)
+    teachers = parse_teachers(cal.teachers)
 
     def point(kind: str, layers: int, width: int, steps: int, teacher: str = "") -> SweepPoint:
         return SweepPoint(kind=kind, layers=layers, d_model=width, heads=width // cal.head_dim,
@@ -123,7 +123,8 @@ def plan_points(cfg: Config) -> list[SweepPoint]:
                           weight_decay=cfg.train.weight_decay, grad_clip=cfg.train.grad_clip,
                           seed=cfg.seed, teacher=teacher)
 
-    points = [point("supervised", layers, width, steps) for layers, width in sizes for steps in budgets]
+    points = [point("supervised", layers, width, steps)
+              for layers, width, steps in plan_supervised(sizes, budgets, teachers, cal.teacher_steps)]
     points += [point("distill", layers, width, steps, teacher)
                for teacher in teachers for layers, width in sizes for steps in budgets
                if distills(teacher, (layers, width))]
@@ -131,7 +132,8 @@ def plan_points(cfg: Config) -> list[SweepPoint]:
 
 
 def teacher_point(points: list[SweepPoint], size: str) -> SweepPoint:
-    """The supervised sweep point reused as teacher ``size``: that size at the largest budget."""
+    """The supervised sweep point reused as teacher ``size``: that size's longest run (its
+    ``calibrate.teacher_steps``, never shorter than a student budget)."""
     candidates = [p for p in points if p.kind == "supervised" and p.size == size]
     if not candidates:
         raise ValueError(f"calibrate.teachers: no supervised point of size {size} in the sweep")

@@ -120,13 +120,18 @@ class CalibrateConfig:
     """
 
     # Student sizes "<layers>x<d_model>", comma-separated; heads = d_model / head_dim.
-    students: str = "1x48, 2x64, 3x96"
+    students: str = "1x32, 1x48, 2x64"
     head_dim: int = field(default=16, metadata=_range(1, 65536))
     # Token budgets as optimizer steps at train.batch_size, comma-separated.
-    steps: str = "100, 200, 400"
-    # Teachers: "pipeline" (the teacher stage's model) and/or "<layers>x<d_model>" (that
-    # supervised sweep model at the largest budget, reused as a teacher, as the paper did).
+    steps: str = "75, 150, 300"
+    # Teachers: "pipeline" (the teacher stage's model) and/or "<layers>x<d_model>" (a
+    # supervised sweep model of that size trained for teacher_steps, reused as a teacher, as
+    # the paper did; it distills the students smaller than itself).
     teachers: str = "pipeline, 3x96"
+    # Budget of a swept teacher in optimizer steps (0 = the largest of steps). Longer than the
+    # students' budgets keeps the teacher stronger than every student it teaches: Eq. 8 has
+    # the teacher's loss as its floor and cannot describe a student that outlearns it.
+    teacher_steps: int = field(default=600, metadata=_range(0))
     # Learning rate of a size: train.lr · (student.d_model / d_model) ^ lr_width_exponent.
     lr_width_exponent: float = field(default=0.5, metadata=_range(0.0, 4.0))
     # Share of each kind's points held out of the fit to measure its prediction error (0 = none).
@@ -373,18 +378,13 @@ def parse_steps(text: str, key: str = "calibrate.steps") -> list[int]:
     return steps
 
 
-def parse_teachers(text: str, students: list[tuple[int, int]],
-                   key: str = "calibrate.teachers") -> list[str]:
-    """``"pipeline, 3x96"`` → ``["pipeline", "3x96"]``; a size must be one of the students."""
+def parse_teachers(text: str, key: str = "calibrate.teachers") -> list[str]:
+    """``"pipeline, 3x96"`` → ``["pipeline", "3x96"]`` (``pipeline`` or sizes, no repeats)."""
     teachers = []
     for item in (t.strip().lower() for t in text.split(",")):
         if item != "pipeline":
-            (size,) = parse_student_sizes(item, key)
-            if size not in students:
-                raise ConfigError(f"{key}: {item!r} is not one of calibrate.students; a sweep "
-                                  f"teacher is a supervised sweep model (allowed: pipeline, "
-                                  f"{', '.join(f'{a}x{b}' for a, b in students)})")
-            item = f"{size[0]}x{size[1]}"
+            ((layers, width),) = parse_student_sizes(item, key)
+            item = f"{layers}x{width}"
         teachers.append(item)
     if len(set(teachers)) != len(teachers):
         raise ConfigError(f"{key}: teachers repeat in {text!r}")
@@ -403,6 +403,31 @@ def distills(teacher: str, student: tuple[int, int]) -> bool:
     return student[0] * student[1] ** 2 < t_layers * t_width ** 2
 
 
+def plan_supervised(students: list[tuple[int, int]], steps: list[int], teachers: list[str],
+                    teacher_steps: int) -> list[tuple[int, int, int]]:
+    """(layers, d_model, steps) of the supervised points: every student at every budget, and
+    every swept teacher at its budget (once, when it is already one of those)."""
+    runs = [(layers, width, s) for layers, width in students for s in steps]
+    budget = teacher_budget(teacher_steps, steps)
+    for t in teachers:
+        if t != "pipeline":
+            ((layers, width),) = parse_student_sizes(t, "calibrate.teachers")
+            if (layers, width, budget) not in runs:
+                runs.append((layers, width, budget))
+    return runs
+
+
+def teacher_budget(teacher_steps: int, steps: list[int], key: str = "calibrate.teacher_steps") -> int:
+    """A swept teacher's budget: ``teacher_steps``, or the largest student budget when 0. It
+    may not be shorter than a student's budget (the teacher is the longest run of its size)."""
+    if teacher_steps == 0:
+        return steps[-1]
+    if teacher_steps < steps[-1]:
+        raise ConfigError(f"{key}: {teacher_steps} is shorter than the largest student budget "
+                          f"({steps[-1]} in calibrate.steps); use 0 (= that budget) or at least {steps[-1]}")
+    return teacher_steps
+
+
 def heldout_count(n_points: int, share: float) -> int:
     """How many of ``n_points`` a held-out ``share`` keeps out of the fit."""
     return int(round(n_points * share))
@@ -413,12 +438,15 @@ def _check_calibrate(cfg: Config, source: str) -> None:
     cal = cfg.calibrate
     students = parse_student_sizes(cal.students, f"{source}: calibrate.students")
     steps = parse_steps(cal.steps, f"{source}: calibrate.steps")
-    teachers = parse_teachers(cal.teachers, students, f"{source}: calibrate.teachers")
-    for layers, width in students:
+    teachers = parse_teachers(cal.teachers, f"{source}: calibrate.teachers")
+    teacher_budget(cal.teacher_steps, steps, f"{source}: calibrate.teacher_steps")
+    supervised = plan_supervised(students, steps, teachers, cal.teacher_steps)
+    for layers, width in dict.fromkeys((layers, width) for layers, width, _ in supervised):
         if width % cal.head_dim:
-            raise ConfigError(f"{source}: calibrate.students: d_model {width} of {layers}x{width} must "
+            key = "students" if (layers, width) in students else "teachers"
+            raise ConfigError(f"{source}: calibrate.{key}: d_model {width} of {layers}x{width} must "
                               f"be divisible by calibrate.head_dim ({cal.head_dim})")
-    for kind, n, need in (("supervised", len(students) * len(steps), SUPERVISED_LAW_PARAMS),
+    for kind, n, need in (("supervised", len(supervised), SUPERVISED_LAW_PARAMS),
                           ("distillation", len(steps) * sum(distills(t, s) for t in teachers
                                                              for s in students),
                            DISTILLATION_LAW_PARAMS)):

@@ -26,9 +26,10 @@ TINY_PARAMS = {
     "student": {"layers": 1, "d_model": 16, "heads": 2},
     # The paper's coefficients: the calibrate stage skips its sweep (CALIBRATED turns it on).
     "gate": {"force": "distill", "coefficients": "paper"},
-    # A tiny sweep (8 supervised + 12 distillation points of a few steps): seconds per point.
+    # A tiny sweep (9 supervised + 12 distillation points of a few steps): seconds per point.
     "calibrate": {"students": "1x8, 1x16", "head_dim": 8, "steps": "5, 10, 20, 40",
-                  "teachers": "pipeline, 1x16", "heldout_share": 0.1, "bootstrap": 5, "fit_starts": 8},
+                  "teachers": "pipeline, 1x16", "teacher_steps": 80, "heldout_share": 0.1,
+                  "bootstrap": 5, "fit_starts": 8},
     "distill": {"top_k": 8, "alpha": 0.5},
     "label": {"batch_size": 16},
     "train": {"steps": 20, "batch_size": 8, "warmup_steps": 2, "eval_every": 10,

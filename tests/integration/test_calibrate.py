@@ -15,8 +15,9 @@ from .conftest import BIN, calibrated_params, make_project, run
 
 pytestmark = pytest.mark.integration
 
-N_POINTS = 8 + 12  # TINY_PARAMS: 2 sizes × 4 budgets; distilled: both sizes from the pipeline's
-#                    teacher, 1x8 from the swept 1x16 (a swept teacher distills smaller students)
+N_POINTS = 9 + 12  # TINY_PARAMS: 2 sizes × 4 budgets and the swept teacher 1x16 at 80 steps;
+#                    distilled: both sizes from the pipeline's teacher, 1x8 from the swept 1x16
+#                    (a swept teacher distills smaller students)
 
 
 def mlflow_runs(project: Path) -> list:
@@ -44,7 +45,7 @@ def test_flow_runs_the_stages_calibrate_needs_and_writes_the_fit(calibrated):
     coefs = json.loads((project / "gate/coefficients.json").read_text())
     assert coefs["name"] == "calibrated" and coefs["distillation"] is not None
     q = coefs["quality"]
-    assert q["supervised_points"] == 7 and q["distillation_points"] == 11  # 10% held out per kind
+    assert q["supervised_points"] == 8 and q["distillation_points"] == 11  # 10% held out per kind
     assert q["heldout_supervised"]["n"] == 1 and q["heldout_distill"]["n"] == 1
     assert q["margin_pairs_fitted"] >= 1 and math.isfinite(q["margin_error_fitted"])
     for kind in ("supervised", "distill"):

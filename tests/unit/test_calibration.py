@@ -23,7 +23,7 @@ from distill.law import (PAPER, DistillationCoefficients, SupervisedCoefficients
 
 BASE = {"student": {"d_model": 64}, "train": {"lr": 0.004, "steps": 300, "warmup_steps": 20},
         "calibrate": {"students": "1x48, 2x64, 3x96", "steps": "100, 300", "teachers": "pipeline, 3x96",
-                      "heldout_share": 0.0}}
+                      "teacher_steps": 0, "heldout_share": 0.0}}
 
 
 def config(**calibrate):
@@ -73,11 +73,28 @@ def test_sweep_teacher_is_the_largest_budget_of_its_size():
         teacher_point(points, "9x9")
 
 
+def test_a_swept_teacher_trains_for_teacher_steps_and_need_not_be_a_student():
+    points = plan_points(config(students="1x48, 2x64", steps="100, 200, 300", teachers="pipeline, 3x96",
+                                teacher_steps=600))
+    sup = [(p.size, p.steps) for p in points if p.kind == "supervised"]
+    # every student at every budget, plus the teacher's one longer run (also fitted by Eq. 1)
+    assert sup == [(s, b) for s in ("1x48", "2x64") for b in (100, 200, 300)] + [("3x96", 600)]
+    assert teacher_point(points, "3x96").steps == 600
+    assert {(p.size, p.teacher) for p in points if p.kind == "distill"} == {
+        (s, t) for s in ("1x48", "2x64") for t in ("pipeline", "3x96")}
+    # a teacher that is also a student keeps its student budgets and adds the longer run
+    both = plan_points(config(teacher_steps=600))
+    assert [p.steps for p in both if p.kind == "supervised" and p.size == "3x96"] == [100, 300, 600]
+    assert teacher_point(both, "3x96").steps == 600
+
+
 @pytest.mark.parametrize("calibrate, fragment", [
     ({"students": "2y64"}, "calibrate.students: '2y64' is not a size"),
     ({"students": "2x64, 2x64"}, "calibrate.students: sizes repeat"),
     ({"steps": "100, abc"}, "calibrate.steps"),
-    ({"teachers": "pipeline, 4x128"}, "calibrate.teachers: '4x128' is not one of calibrate.students"),
+    ({"teachers": "pipeline, 4y128"}, "calibrate.teachers: '4y128' is not a size"),
+    ({"teacher_steps": 200}, "calibrate.teacher_steps: 200 is shorter than the largest student budget (300"),
+    ({"teachers": "pipeline, 2x40"}, "calibrate.teachers: d_model 40 of 2x40 must be divisible"),
     ({"head_dim": 32}, "d_model 48 of 1x48 must be divisible by calibrate.head_dim"),
     ({"heldout_share": 0.5}, "calibrate.heldout_share = 0.5"),
     ({"teachers": "pipeline", "steps": "100"}, "supervised law has 6 coefficients"),
