@@ -16,11 +16,10 @@ Figures: mean/max |relative error| of Eq. 1 and Eq. 8 on held-out points, and th
 held-out configurations (size, budget, teacher) where the gate — losses compared at equal
 student tokens — picks the branch whose measured loss is lower.
 
-A measured winner is only real when its margin exceeds the runs' own noise. With
-``--noise-seeds K`` (default 2) the pipeline's own configuration is also trained with K more
-seeds (initialisation and data order); the spread of its margins L_sup − L_dist over the
-seeds is the noise, and the picks are also reported over the configurations whose measured
-margin exceeds twice it (the others are ties at this noise).
+A measured winner is only real when its margin exceeds the runs' own noise: every
+configuration is the mean of ``calibrate.seeds`` runs (initialisation and data order), and
+the picks are also reported over the configurations whose measured margin L_sup − L_dist
+exceeds twice its standard error (the others are ties at this noise).
 
     python benchmarks/calibration.py --project /path/to/project [--store DIR] [--out result.json]
 """
@@ -47,8 +46,6 @@ def main() -> None:
     parser.add_argument("--store", type=Path, default=None, help="point store (default: <project>/runs/calibrate)")
     parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
     parser.add_argument("--fit-starts", type=int, default=None, help="L-BFGS-B starts (default: params)")
-    parser.add_argument("--noise-seeds", type=int, default=2,
-                        help="extra seeds of the pipeline's own configuration to measure run noise (0 = none)")
     parser.add_argument("--stored-only", action="store_true",
                         help="run nothing: evaluate the points already in the store (a partial sweep)")
     args = parser.parse_args()
@@ -61,14 +58,15 @@ def main() -> None:
 
     cfg = load_config(args.params.resolve() if args.params else Path("params.yaml"))
     started = time.perf_counter()
-    records, query_keys, seconds = run_points(cfg, args.store or Path("runs/calibrate"), args.stored_only,
-                                              args.noise_seeds)
-    noise = run_noise(records, cfg.seed)
-    records = [r for r in records if r["point"]["seed"] == cfg.seed]  # replicates measure noise only
+    from distill.calibration import mean_over_seeds
+
+    runs, query_keys, seconds = run_points(cfg, args.store or Path("runs/calibrate"), args.stored_only)
+    records = mean_over_seeds(runs)
+    noise = seed_noise(records)
     starts = args.fit_starts or cfg.calibrate.fit_starts
-    results = {name: evaluate_split(records, held, starts, noise.get("margin_std"))
+    results = {name: evaluate_split(records, held, starts)
                for name, held in splits(records, query_keys, cfg.calibrate.heldout_share).items()}
-    report = {"points": len(records), "sweep_seconds": seconds,
+    report = {"runs": len(runs), "points": len(records), "sweep_seconds": seconds,
               "total_seconds": time.perf_counter() - started, "noise": noise, "splits": results,
               "params": dataclasses.asdict(cfg.calibrate)}
     print_report(report)
@@ -76,11 +74,9 @@ def main() -> None:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
 
 
-def run_points(cfg, store_root: Path, stored_only: bool = False,
-               noise_seeds: int = 0) -> tuple[list[dict], set[str], float]:
-    """The sweep plus the pipeline's own configuration (and its ``noise_seeds`` replicates);
-    returns every record, the query's keys (seed ``cfg.seed``) and the wall time of the points
-    run now."""
+def run_points(cfg, store_root: Path, stored_only: bool = False) -> tuple[list[dict], set[str], float]:
+    """The sweep plus the pipeline's own configuration; returns every run's record, the query's
+    keys and the wall time of the points run now."""
     from distill.calibration import (PointStore, SweepContext, data_hash, load_sweep_data,
                                      loss_settings, plan_points, plan_sweep, run_sweep, warmup_for_steps)
     from distill.io import read_json
@@ -96,8 +92,6 @@ def run_points(cfg, store_root: Path, stored_only: bool = False,
     steps, warmup = cfg.train.steps, warmup_for_steps(cfg, cfg.train.steps)
     query = {dataclasses.replace(p, steps=steps, warmup_steps=warmup) for p in template}
     points += sorted(query - set(points), key=lambda p: (p.kind, p.teacher))
-    points += [dataclasses.replace(p, seed=cfg.seed + i) for i in range(1, noise_seeds + 1)
-               for p in sorted(query, key=lambda p: (p.kind, p.teacher))]
     ctx = SweepContext(data_hash(manifest), cfg.evaluate.max_blocks, loss_settings(cfg.distill),
                        teacher["fingerprint"])
     store = PointStore(store_root)
@@ -124,31 +118,25 @@ def run_points(cfg, store_root: Path, stored_only: bool = False,
     return records, query_keys, seconds
 
 
-def run_noise(records: list[dict], seed: int) -> dict:
-    """Seed noise of the pipeline's own configuration (the only one with seeds other than
-    ``seed``): per teacher, the margins L_sup − L_dist of each seed, and their standard
-    deviation (ddof 1) averaged over teachers."""
+def seed_noise(records: list[dict]) -> dict:
+    """The runs' seed noise: median standard error of a configuration's mean loss, and of the
+    margins L_sup − L_dist (empty with one seed per configuration)."""
     import numpy as np
 
-    by_seed: dict[int, dict] = {}
-    replicates = [r for r in records if r["point"]["seed"] != seed]
-    if not replicates:
+    sup = {config_of(r): r for r in records if r["kind"] == "supervised"}
+    if not any(len(r.get("L_runs", [])) > 1 for r in records):
         return {}
-    size, steps = replicates[0]["size"], replicates[0]["point"]["steps"]
-    for r in records:
-        if r["size"] == size and r["point"]["steps"] == steps:
-            by_seed.setdefault(r["point"]["seed"], {})[r["point"]["teacher"] or "supervised"] = r["L"]
-    margins: dict[str, list[float]] = {}
-    for losses in by_seed.values():
-        for teacher, loss in losses.items():
-            if teacher != "supervised" and "supervised" in losses:
-                margins.setdefault(teacher, []).append(losses["supervised"] - loss)
-    losses = {name: [by_seed[s][name] for s in sorted(by_seed) if name in by_seed[s]]
-              for name in {n for v in by_seed.values() for n in v}}
-    return {"configuration": f"{size} at {steps} steps", "seeds": sorted(by_seed),
-            "losses": losses, "margins": margins,
-            "loss_std": float(np.mean([np.std(v, ddof=1) for v in losses.values() if len(v) > 1])),
-            "margin_std": float(np.mean([np.std(v, ddof=1) for v in margins.values() if len(v) > 1]))}
+    margins = [margin_sem(sup[config_of(r)], r) for r in records
+               if r["kind"] == "distill" and config_of(r) in sup]
+    return {"seeds": max(len(r["L_runs"]) for r in records),
+            "loss_sem_median": float(np.median([r["L_sem"] for r in records])),
+            "loss_std_median": float(np.median([np.std(r["L_runs"], ddof=1) for r in records])),
+            "margin_sem_median": float(np.median(margins)) if margins else None}
+
+
+def margin_sem(sup: dict, dist: dict) -> float:
+    """Standard error of L_sup − L_dist from the two means' standard errors."""
+    return (sup["L_sem"] ** 2 + dist["L_sem"] ** 2) ** 0.5
 
 
 def config_of(record: dict) -> tuple:
@@ -164,8 +152,7 @@ def splits(records: list[dict], query_keys: set[str], share: float) -> dict[str,
     sweep = [r for r in records if r["key"] not in query_keys]
     configs = sorted({config_of(r) for r in sweep}, key=lambda c: sha256_bytes(repr(c).encode()))
     random_held = set(configs[: max(1, heldout_count(len(configs), share))])
-    # the students' largest budget (a swept teacher's longer run is not a configuration tested)
-    largest = max(r["D"] for r in sweep if r["kind"] == "distill")
+    largest = max(r["D"] for r in sweep)
     return {
         "random": {r["key"] for r in sweep if config_of(r) in random_held} | query_keys,
         "largest": {r["key"] for r in sweep if r["D"] == largest} | query_keys,
@@ -173,9 +160,9 @@ def splits(records: list[dict], query_keys: set[str], share: float) -> dict[str,
     }
 
 
-def evaluate_split(records: list[dict], held: set[str], n_starts: int, margin_std: float | None = None) -> dict:
+def evaluate_split(records: list[dict], held: set[str], n_starts: int) -> dict:
     """Fit on the kept points; held-out errors of both laws and the gate's branch-pick accuracy
-    (also over the picks whose measured margin exceeds twice the seed noise ``margin_std``)."""
+    (also over the picks whose measured margin exceeds twice its standard error)."""
     from distill.calibration import fit_calibration, heldout_errors, predict_record
 
     kept = [dict(r) for r in records if r["key"] not in held]
@@ -184,7 +171,7 @@ def evaluate_split(records: list[dict], held: set[str], n_starts: int, margin_st
     coefs = fit.coefficients
     errors = heldout_errors(coefs, test)
     picks = branch_picks(coefs, test)
-    decided = [p for p in picks if margin_std is not None and abs(p["measured_margin"]) > 2 * margin_std]
+    decided = [p for p in picks if p["margin_sem"] > 0 and abs(p["measured_margin"]) > 2 * p["margin_sem"]]
     return {"fit_points": {"supervised": sum(r["kind"] == "supervised" for r in kept),
                            "distill": sum(r["kind"] == "distill" for r in kept)},
             "heldout": errors, "picks": picks,
@@ -214,20 +201,20 @@ def branch_picks(coefs, test: list[dict]) -> list[dict]:
         actual = "distill" if r["L"] < s["L"] else "supervised"
         picks.append({"size": r["size"], "D": r["D"], "L_T": r["L_T"], "gate": decision.decision,
                       "actual": actual, "correct": decision.decision == actual,
-                      "measured_margin": s["L"] - r["L"],
+                      "measured_margin": s["L"] - r["L"], "margin_sem": margin_sem(s, r),
                       "predicted_margin": decision.supervised.loss - decision.distill.loss,
                       "in_support": decision.in_support})
     return picks
 
 
 def print_report(report: dict) -> None:
-    print(f"\n{report['points']} points; sweep {report['sweep_seconds']:.0f} s "
-          f"(points run now), total {report['total_seconds']:.0f} s")
+    print(f"\n{report['runs']} runs, {report['points']} configurations; sweep {report['sweep_seconds']:.0f} s "
+          f"(runs trained now), total {report['total_seconds']:.0f} s")
     noise = report["noise"]
     if noise:
-        print(f"seed noise ({noise['configuration']}, seeds {noise['seeds']}): loss std "
-              f"{noise['loss_std']:.4f}, margin std {noise['margin_std']:.4f} nats; margins "
-              + ", ".join(f"{t}: " + " ".join(f"{m:+.4f}" for m in ms) for t, ms in noise["margins"].items()))
+        print(f"seed noise ({noise['seeds']} seeds): median loss std {noise['loss_std_median']:.4f}, "
+              f"standard error of a configuration's mean {noise['loss_sem_median']:.4f}, of a margin "
+              f"{noise['margin_sem_median']:.4f} nats")
     print(f"{'split':<8} {'fit sup/dist':>12} {'Eq.1 held-out mean/max':>24} "
           f"{'Eq.8 held-out mean/max':>24} {'branch picks':>14} {'beyond noise':>13} {'margin err':>11}")
     for name, r in report["splits"].items():

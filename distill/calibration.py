@@ -1,10 +1,11 @@
 """Calibration: fit the gate's scaling laws on this project's own data.
 
 A sweep of small training runs — supervised students (sizes × token budgets) and distilled
-students (sizes × budgets × teachers) — each a plain in-process training loop in a Ray task,
-then the supervised law (Eq. 1) and the distillation law (Eq. 8) fitted to the measured
-validation losses with ``distill.law``'s procedure, their held-out error, bootstrap
-intervals, a coefficients JSON that ``load_coefficients`` reads and a PNG of the fits.
+students (sizes × budgets × teachers), each configuration with several seeds — each a plain
+in-process training loop in a Ray task, then the supervised law (Eq. 1) and the
+distillation law (Eq. 8) fitted to the mean validation loss of each configuration with
+``distill.law``'s procedure, their held-out error, bootstrap intervals, a coefficients JSON
+that ``load_coefficients`` reads and a PNG of the fits.
 
 Design choices (why):
 
@@ -43,7 +44,7 @@ import torch
 
 from distill.config import (DISTILLATION_LAW_PARAMS, SUPERVISED_LAW_PARAMS, Config, DistillConfig,
                             ModelConfig, OptimConfig, distills, heldout_count, parse_steps,
-                            parse_student_sizes, parse_teachers, plan_supervised)
+                            parse_student_sizes, parse_teachers, teacher_budget)
 from distill.io import read_json, sha256_bytes, write_json
 from distill.law import (CoefficientSet, coefficient_set_from_fits, distillation_error_floor,
                          distillation_loss, fit_distillation, fit_supervised, heldout_error, save_coefficients,
@@ -59,7 +60,7 @@ KINDS = ("supervised", "distill")
 class SweepPoint:
     """One training run of the sweep (picklable: it travels to a Ray task)."""
 
-    kind: str          # "supervised" or "distill"
+    kind: str          # "supervised", "distill", or "teacher" (a swept teacher's own run, not fitted)
     layers: int
     d_model: int
     heads: int
@@ -109,35 +110,43 @@ def warmup_for_steps(cfg: Config, steps: int) -> int:
 
 
 def plan_points(cfg: Config) -> list[SweepPoint]:
-    """Supervised points (sizes × budgets, and each swept teacher at ``teacher_steps``), then
-    distillation points (teachers × sizes × budgets; a swept teacher distills only the
+    """Supervised points (sizes × budgets × seeds), each swept teacher's own run (``teacher``:
+    its size at ``teacher_steps``, one seed, unless that is already a supervised point), then
+    distillation points (teachers × sizes × budgets × seeds; a swept teacher distills only the
     students smaller than itself, see :func:`distill.config.distills`)."""
     cal = cfg.calibrate
     sizes, budgets = parse_student_sizes(cal.students), parse_steps(cal.steps)
     teachers = parse_teachers(cal.teachers)
+    seeds = [cfg.seed + i for i in range(cal.seeds)]
 
-    def point(kind: str, layers: int, width: int, steps: int, teacher: str = "") -> SweepPoint:
+    def point(kind: str, layers: int, width: int, steps: int, seed: int, teacher: str = "") -> SweepPoint:
         return SweepPoint(kind=kind, layers=layers, d_model=width, heads=width // cal.head_dim,
                           steps=steps, batch_size=cfg.train.batch_size, lr=lr_for_width(cfg, width),
                           warmup_steps=warmup_for_steps(cfg, steps), min_lr_ratio=cfg.train.min_lr_ratio,
                           weight_decay=cfg.train.weight_decay, grad_clip=cfg.train.grad_clip,
-                          seed=cfg.seed, teacher=teacher)
+                          seed=seed, teacher=teacher)
 
-    points = [point("supervised", layers, width, steps)
-              for layers, width, steps in plan_supervised(sizes, budgets, teachers, cal.teacher_steps)]
-    points += [point("distill", layers, width, steps, teacher)
-               for teacher in teachers for layers, width in sizes for steps in budgets
+    points = [point("supervised", layers, width, steps, seed)
+              for layers, width in sizes for steps in budgets for seed in seeds]
+    budget = teacher_budget(cal.teacher_steps, budgets)
+    for teacher in teachers:
+        if teacher != "pipeline":
+            ((layers, width),) = parse_student_sizes(teacher)
+            if (layers, width) not in sizes or budget not in budgets:
+                points.append(point("teacher", layers, width, budget, cfg.seed))
+    points += [point("distill", layers, width, steps, seed, teacher)
+               for teacher in teachers for layers, width in sizes for steps in budgets for seed in seeds
                if distills(teacher, (layers, width))]
     return points
 
 
 def teacher_point(points: list[SweepPoint], size: str) -> SweepPoint:
-    """The supervised sweep point reused as teacher ``size``: that size's longest run (its
-    ``calibrate.teacher_steps``, never shorter than a student budget)."""
-    candidates = [p for p in points if p.kind == "supervised" and p.size == size]
+    """The run reused as swept teacher ``size``: that size's longest supervised or teacher run
+    (``calibrate.teacher_steps``, never shorter than a student budget), its first seed."""
+    candidates = [p for p in points if p.kind in ("supervised", "teacher") and p.size == size]
     if not candidates:
         raise ValueError(f"calibrate.teachers: no supervised point of size {size} in the sweep")
-    return max(candidates, key=lambda p: p.steps)
+    return max(candidates, key=lambda p: (p.steps, -p.seed))
 
 
 # ---------------------------------------------------------------------------- keys and the store
@@ -384,7 +393,7 @@ def run_sweep(plan: SweepPlan, ctx: SweepContext, store: PointStore, data: Sweep
     # Teachers' supervised points first: their labels and distillation points wait on them.
     for i in sorted(plan.pending, key=lambda i: plan.keys[i] not in teacher_keys):
         point, key = plan.points[i], plan.keys[i]
-        if point.kind == "supervised":
+        if point.kind in ("supervised", "teacher"):
             out = str(store.model_dir(key).resolve()) if key in teacher_keys else ""
             ref = train_task.remote(point, data_ref, None, None, out, threads)
             running[ref] = i
@@ -421,6 +430,29 @@ def _label_from(teacher: str | dict, data: SweepData, top_k: int, temperature: f
 
 # ---------------------------------------------------------------------------- the fit
 
+def configuration(record: dict) -> tuple:
+    """What a run measures, seed aside: kind, size, budget, teacher."""
+    return record["kind"], record["size"], record["D"], record["point"]["teacher"]
+
+
+def mean_over_seeds(records: list[dict]) -> list[dict]:
+    """One record per configuration (teachers' own runs dropped: they are not fitted): the
+    first seed's record with ``L`` the mean over its seeds, ``L_runs`` each seed's loss and
+    ``L_sem`` the standard error of the mean (0 with one seed)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        if r["kind"] in KINDS:
+            groups.setdefault(configuration(r), []).append(r)
+    out = []
+    for runs in groups.values():
+        runs = sorted(runs, key=lambda r: r["point"]["seed"])
+        losses = [float(r["L"]) for r in runs]
+        sem = float(np.std(losses, ddof=1) / math.sqrt(len(losses))) if len(losses) > 1 else 0.0
+        out.append({**runs[0], "L": float(np.mean(losses)), "L_runs": losses, "L_sem": sem,
+                    "seeds": [r["point"]["seed"] for r in runs]})
+    return out
+
+
 @dataclass
 class CalibrationFit:
     """The fitted coefficient set and, per point, prediction and whether it was held out."""
@@ -448,7 +480,11 @@ def fit_calibration(records: list[dict], heldout_share: float, n_starts: int = 3
                     n_bootstrap: int = 0, seed: int = 0, extra_quality: dict | None = None) -> CalibrationFit:
     """Fit Eq. 1 on the kept supervised points, then Eq. 8 on the kept distillation points,
     measure both on the held-out ones, and return the coefficient set (support = the fitted
-    points' ranges, quality = fit and held-out errors, bootstrap intervals, point counts)."""
+    points' ranges, quality = fit and held-out errors, bootstrap intervals, point counts).
+    ``records``: one per configuration (:func:`mean_over_seeds`)."""
+    if len({configuration(r) for r in records}) != len(records):
+        raise ValueError("fit_calibration: a configuration repeats (several seeds): average them "
+                         "with mean_over_seeds first")
     held = split_heldout(records, heldout_share)
     sup = [r for r in records if r["kind"] == "supervised" and r["key"] not in held]
     dist = [r for r in records if r["kind"] == "distill" and r["key"] not in held]
@@ -552,7 +588,7 @@ def write_calibration(fit: CalibrationFit, coefficients_path: Path, points_path:
 def plot_calibration(fit: CalibrationFit, path: str | Path) -> Path:
     """Two panels: measured loss vs tokens per size with the supervised law's curves, and the
     same for distillation per (size, teacher) with Eq. 8's curves. Filled markers are fitted
-    points, open ones held out."""
+    points, open ones held out; bars are the standard error over seeds."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -572,8 +608,9 @@ def plot_calibration(fit: CalibrationFit, path: str | Path) -> Path:
                      else distillation_loss(n, d, l_t, coefs))
             label = size if kind == "supervised" else f"{size} <- L_T {l_t:.3f}"
             ax.plot(d, curve, color=color, linewidth=1, label=label)
-            for p in pts:
-                ax.plot(p["D"], p["L"], "o", color=color, markerfacecolor="none" if p["heldout"] else color)
+            for p in pts:  # error bars: the standard error of the mean over seeds
+                ax.errorbar(p["D"], p["L"], yerr=p.get("L_sem", 0.0), fmt="o", color=color, capsize=2,
+                            markerfacecolor="none" if p["heldout"] else color)
         ax.set_xscale("log")
         ax.set_xlabel("student tokens D")
         ax.set_ylabel("validation loss (nats/token)")
@@ -584,7 +621,8 @@ def plot_calibration(fit: CalibrationFit, path: str | Path) -> Path:
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("calibration: points (open = held out) and fitted laws", fontsize=11)
+    fig.suptitle("calibration: mean over seeds ± standard error (open = held out) and fitted laws",
+                 fontsize=11)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

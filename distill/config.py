@@ -120,7 +120,7 @@ class CalibrateConfig:
     """
 
     # Student sizes "<layers>x<d_model>", comma-separated; heads = d_model / head_dim.
-    students: str = "1x32, 1x48, 2x64"
+    students: str = "2x32, 2x48, 2x64"
     head_dim: int = field(default=16, metadata=_range(1, 65536))
     # Token budgets as optimizer steps at train.batch_size, comma-separated.
     steps: str = "75, 150, 300"
@@ -130,8 +130,13 @@ class CalibrateConfig:
     teachers: str = "pipeline, 3x96"
     # Budget of a swept teacher in optimizer steps (0 = the largest of steps). Longer than the
     # students' budgets keeps the teacher stronger than every student it teaches: Eq. 8 has
-    # the teacher's loss as its floor and cannot describe a student that outlearns it.
+    # the teacher's loss as its floor and cannot describe a student that outlearns it. A
+    # teacher's own run is not a configuration of the fit (one seed, possibly several epochs).
     teacher_steps: int = field(default=600, metadata=_range(0))
+    # Runs per configuration, seeds seed, seed+1, …: the fit takes their mean loss. At this
+    # scale one run's loss moves by ~1 % with the seed (initialisation and data order),
+    # as much as the margin between the branches.
+    seeds: int = field(default=3, metadata=_range(1))
     # Learning rate of a size: train.lr · (student.d_model / d_model) ^ lr_width_exponent.
     lr_width_exponent: float = field(default=0.5, metadata=_range(0.0, 4.0))
     # Share of each kind's points held out of the fit to measure its prediction error (0 = none).
@@ -403,20 +408,6 @@ def distills(teacher: str, student: tuple[int, int]) -> bool:
     return student[0] * student[1] ** 2 < t_layers * t_width ** 2
 
 
-def plan_supervised(students: list[tuple[int, int]], steps: list[int], teachers: list[str],
-                    teacher_steps: int) -> list[tuple[int, int, int]]:
-    """(layers, d_model, steps) of the supervised points: every student at every budget, and
-    every swept teacher at its budget (once, when it is already one of those)."""
-    runs = [(layers, width, s) for layers, width in students for s in steps]
-    budget = teacher_budget(teacher_steps, steps)
-    for t in teachers:
-        if t != "pipeline":
-            ((layers, width),) = parse_student_sizes(t, "calibrate.teachers")
-            if (layers, width, budget) not in runs:
-                runs.append((layers, width, budget))
-    return runs
-
-
 def teacher_budget(teacher_steps: int, steps: list[int], key: str = "calibrate.teacher_steps") -> int:
     """A swept teacher's budget: ``teacher_steps``, or the largest student budget when 0. It
     may not be shorter than a student's budget (the teacher is the longest run of its size)."""
@@ -440,19 +431,19 @@ def _check_calibrate(cfg: Config, source: str) -> None:
     steps = parse_steps(cal.steps, f"{source}: calibrate.steps")
     teachers = parse_teachers(cal.teachers, f"{source}: calibrate.teachers")
     teacher_budget(cal.teacher_steps, steps, f"{source}: calibrate.teacher_steps")
-    supervised = plan_supervised(students, steps, teachers, cal.teacher_steps)
-    for layers, width in dict.fromkeys((layers, width) for layers, width, _ in supervised):
+    swept = [size for t in teachers if t != "pipeline" for size in parse_student_sizes(t)]
+    for layers, width in students + swept:
         if width % cal.head_dim:
             key = "students" if (layers, width) in students else "teachers"
             raise ConfigError(f"{source}: calibrate.{key}: d_model {width} of {layers}x{width} must "
                               f"be divisible by calibrate.head_dim ({cal.head_dim})")
-    for kind, n, need in (("supervised", len(supervised), SUPERVISED_LAW_PARAMS),
+    for kind, n, need in (("supervised", len(students) * len(steps), SUPERVISED_LAW_PARAMS),
                           ("distillation", len(steps) * sum(distills(t, s) for t in teachers
                                                              for s in students),
                            DISTILLATION_LAW_PARAMS)):
         fitted = n - heldout_count(n, cal.heldout_share)
         if fitted < need:
-            raise ConfigError(f"{source}: calibrate.students/steps/teachers give {n} {kind} points, "
+            raise ConfigError(f"{source}: calibrate.students/steps/teachers give {n} {kind} configurations, "
                               f"{fitted} after calibrate.heldout_share = {cal.heldout_share}: the "
                               f"{kind} law has {need} coefficients, so the fit needs at least "
                               f"{need} points")

@@ -19,8 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from distill.calibration import (PointStore, SweepContext, SweepPoint, data_hash, fit_calibration,
-                                 load_sweep_data, loss_settings, plan_points, plan_sweep, run_sweep,
-                                 write_calibration)
+                                 load_sweep_data, loss_settings, mean_over_seeds, plan_points, plan_sweep,
+                                 run_sweep, write_calibration)
 from distill.config import Config
 from distill.io import read_json, write_json
 from distill.plots import plot_note
@@ -58,8 +58,10 @@ def run(cfg: Config, out: Path = COEFFICIENTS, points_path: Path = CALIBRATION_P
     else:
         records = [plan.done[k] for k in plan.keys]
     cal = cfg.calibrate
-    fit = fit_calibration(records, cal.heldout_share, cal.fit_starts, cal.bootstrap, cfg.seed,
+    configurations = mean_over_seeds(records)
+    fit = fit_calibration(configurations, cal.heldout_share, cal.fit_starts, cal.bootstrap, cfg.seed,
                           extra_quality={"data_hash": ctx.data_hash, "points": len(records),
+                                         "configurations": len(configurations), "seeds": cal.seeds,
                                          "teacher_fingerprint": teacher["fingerprint"]})
     write_calibration(fit, out, points_path, plot_path)
     summary = {"points": len(points), "points_run": pending, "points_reused": len(points) - pending,
@@ -112,7 +114,7 @@ def print_fit(fit) -> None:
     """The fitted coefficients' quality in the terminal."""
     q = fit.coefficients.quality
     print(f"fit on {q['supervised_points']} supervised and {q['distillation_points']} distillation "
-          f"points: max |rel. error| {100 * q['supervised_max_abs_rel_error']:.2f}% / "
+          f"configurations (mean of {q.get('seeds', 1)} seeds each): max |rel. error| {100 * q['supervised_max_abs_rel_error']:.2f}% / "
           f"{100 * q['distillation_max_abs_rel_error']:.2f}%")
     for kind, err in fit.heldout.items():
         print(f"held-out {kind} points ({err['n']}): mean |rel. error| {100 * err['mean_abs']:.2f}%, "

@@ -26,9 +26,10 @@ TINY_PARAMS = {
     "student": {"layers": 1, "d_model": 16, "heads": 2},
     # The paper's coefficients: the calibrate stage skips its sweep (CALIBRATED turns it on).
     "gate": {"force": "distill", "coefficients": "paper"},
-    # A tiny sweep (9 supervised + 12 distillation points of a few steps): seconds per point.
+    # A tiny sweep (8 supervised + 12 distillation configurations × 2 seeds, and the swept
+    # teacher's run, of a few steps each): seconds per run.
     "calibrate": {"students": "1x8, 1x16", "head_dim": 8, "steps": "5, 10, 20, 40",
-                  "teachers": "pipeline, 1x16", "teacher_steps": 80, "heldout_share": 0.1,
+                  "teachers": "pipeline, 1x16", "teacher_steps": 80, "seeds": 2, "heldout_share": 0.1,
                   "bootstrap": 5, "fit_starts": 8},
     "distill": {"top_k": 8, "alpha": 0.5},
     "label": {"batch_size": 16},
@@ -36,6 +37,13 @@ TINY_PARAMS = {
               "checkpoint_every": 10, "lr": 0.01},
     "evaluate": {"max_blocks": 32, "batch_size": 8},
 }
+
+
+# The tiny sweep: 2 sizes × 4 budgets supervised and 12 distilled configurations (both sizes
+# from the pipeline's teacher, 1x8 from the swept 1x16: a swept teacher distills smaller
+# students), each trained with 2 seeds, plus the swept teacher's own run (1x16 at 80 steps).
+TINY_SWEEP_CONFIGS = 8 + 12
+TINY_SWEEP_RUNS = 2 * TINY_SWEEP_CONFIGS + 1
 
 
 def calibrated_params() -> dict:

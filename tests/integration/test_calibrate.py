@@ -11,13 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import BIN, calibrated_params, make_project, run
+from .conftest import BIN, TINY_SWEEP_CONFIGS, TINY_SWEEP_RUNS, calibrated_params, make_project, run
 
 pytestmark = pytest.mark.integration
 
-N_POINTS = 9 + 12  # TINY_PARAMS: 2 sizes × 4 budgets and the swept teacher 1x16 at 80 steps;
-#                    distilled: both sizes from the pipeline's teacher, 1x8 from the swept 1x16
-#                    (a swept teacher distills smaller students)
+N_CONFIGS, N_RUNS = TINY_SWEEP_CONFIGS, TINY_SWEEP_RUNS
 
 
 def mlflow_runs(project: Path) -> list:
@@ -39,13 +37,14 @@ def calibrated(tmp_path_factory, shared_ray):
 
 def test_flow_runs_the_stages_calibrate_needs_and_writes_the_fit(calibrated):
     project, out = calibrated
-    assert f"{N_POINTS} points, 0 already finished (skipped), {N_POINTS} to run" in out
+    assert f"{N_RUNS} points, 0 already finished (skipped), {N_RUNS} to run" in out
     lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
     assert set(lock) == {"prepare", "teacher", "calibrate"}  # nothing after it ran
     coefs = json.loads((project / "gate/coefficients.json").read_text())
     assert coefs["name"] == "calibrated" and coefs["distillation"] is not None
     q = coefs["quality"]
-    assert q["supervised_points"] == 8 and q["distillation_points"] == 11  # 10% held out per kind
+    assert q["supervised_points"] == 7 and q["distillation_points"] == 11  # 10% held out per kind
+    assert q["configurations"] == N_CONFIGS and q["points"] == N_RUNS and q["seeds"] == 2
     assert q["heldout_supervised"]["n"] == 1 and q["heldout_distill"]["n"] == 1
     assert q["margin_pairs_fitted"] >= 1 and math.isfinite(q["margin_error_fitted"])
     for kind in ("supervised", "distill"):
@@ -55,10 +54,11 @@ def test_flow_runs_the_stages_calibrate_needs_and_writes_the_fit(calibrated):
     lo, hi = coefs["support"]["teacher_loss"]
     assert lo < hi and lo <= teacher["val_loss"] * 1.001  # the pipeline's teacher is one of them
     points = json.loads((project / "gate/calibration_points.json").read_text())["points"]
-    assert len(points) == N_POINTS and sum(p["heldout"] for p in points) == 2
+    assert len(points) == N_CONFIGS and sum(p["heldout"] for p in points) == 2
+    assert all(len(p["L_runs"]) == 2 and p["L"] == sum(p["L_runs"]) / 2 for p in points)
     assert all(math.isfinite(p["L"]) and math.isfinite(p["predicted"]) for p in points)
     assert (project / "gate/calibration.png").stat().st_size > 5000
-    assert len(list((project / "runs/calibrate/points").glob("*.json"))) == N_POINTS
+    assert len(list((project / "runs/calibrate/points").glob("*.json"))) == N_RUNS
 
 
 def test_each_point_is_a_child_run_of_the_calibrate_stage(calibrated):
@@ -68,7 +68,7 @@ def test_each_point_is_a_child_run_of_the_calibrate_stage(calibrated):
     stage = next(r for r in runs if r.data.tags.get("distill.stage") == "calibrate")
     assert stage.data.tags["mlflow.parentRunId"] == flow.info.run_id
     points = [r for r in runs if "distill.calibration_point" in r.data.tags]
-    assert len(points) == N_POINTS
+    assert len(points) == N_RUNS
     assert {r.data.tags["mlflow.parentRunId"] for r in points} == {stage.info.run_id}
     assert all("L" in r.data.metrics and "N" in r.data.metrics for r in points)
     assert "calibrate_heldout_supervised_mean_abs" in stage.data.metrics
@@ -78,7 +78,7 @@ def test_forced_rerun_skips_every_finished_point(calibrated):
     project, _ = calibrated
     before = (project / "gate/coefficients.json").read_text()
     proc = run([str(BIN / "dvc"), "repro", "--force", "--single-item", "calibrate"], cwd=project, timeout=600)
-    assert f"{N_POINTS} points, {N_POINTS} already finished (skipped), 0 to run" in proc.stdout
+    assert f"{N_RUNS} points, {N_RUNS} already finished (skipped), 0 to run" in proc.stdout
     assert (project / "gate/coefficients.json").read_text() == before  # same points, same fit
 
 

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from .conftest import BIN, TINY_PARAMS, calibrated_params, deep_merge, make_project, run
+from .conftest import BIN, TINY_PARAMS, TINY_SWEEP_RUNS, calibrated_params, deep_merge, make_project, run
 
 pytestmark = pytest.mark.integration
 
@@ -100,7 +100,7 @@ def test_mlflow_has_stage_runs_and_registered_model(repro_project):
     runs = [r for r in runs if "distill.stage" in r.data.tags]
     assert sorted(r.data.tags["distill.stage"] for r in runs) == sorted(STAGES)
     calibrate = next(r for r in runs if r.data.tags["distill.stage"] == "calibrate")
-    assert len(points) == 20 and {r.data.tags["mlflow.parentRunId"] for r in points} == {calibrate.info.run_id}
+    assert len(points) == TINY_SWEEP_RUNS and {r.data.tags["mlflow.parentRunId"] for r in points} == {calibrate.info.run_id}
     evaluate = next(r for r in runs if r.data.tags["distill.stage"] == "evaluate")
     assert evaluate.data.tags["distill.decision"] == "distill"
     assert evaluate.data.params["dvc.data/prepared"] == lock_outs(repro_project)["data/prepared"]

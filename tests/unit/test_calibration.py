@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from distill.calibration import (PointStore, SweepContext, SweepData, batch_indices, fit_calibration,
-                                 label_teacher, loss_settings, plan_points, plan_sweep, point_key,
+                                 label_teacher, loss_settings, mean_over_seeds, plan_points, plan_sweep,
+                                 point_key,
                                  split_heldout, teacher_point, train_point, warmup_for_steps,
                                  write_calibration)
 from distill.config import ConfigError, DistillConfig, build_config
@@ -23,7 +24,7 @@ from distill.law import (PAPER, DistillationCoefficients, SupervisedCoefficients
 
 BASE = {"student": {"d_model": 64}, "train": {"lr": 0.004, "steps": 300, "warmup_steps": 20},
         "calibrate": {"students": "1x48, 2x64, 3x96", "steps": "100, 300", "teachers": "pipeline, 3x96",
-                      "teacher_steps": 0, "heldout_share": 0.0}}
+                      "teacher_steps": 0, "seeds": 1, "heldout_share": 0.0}}
 
 
 def config(**calibrate):
@@ -77,15 +78,45 @@ def test_a_swept_teacher_trains_for_teacher_steps_and_need_not_be_a_student():
     points = plan_points(config(students="1x48, 2x64", steps="100, 200, 300", teachers="pipeline, 3x96",
                                 teacher_steps=600))
     sup = [(p.size, p.steps) for p in points if p.kind == "supervised"]
-    # every student at every budget, plus the teacher's one longer run (also fitted by Eq. 1)
-    assert sup == [(s, b) for s in ("1x48", "2x64") for b in (100, 200, 300)] + [("3x96", 600)]
+    assert sup == [(s, b) for s in ("1x48", "2x64") for b in (100, 200, 300)]
+    # the teacher's own longer run: not a configuration of the fit, only the teacher
+    assert [(p.size, p.steps) for p in points if p.kind == "teacher"] == [("3x96", 600)]
     assert teacher_point(points, "3x96").steps == 600
     assert {(p.size, p.teacher) for p in points if p.kind == "distill"} == {
         (s, t) for s in ("1x48", "2x64") for t in ("pipeline", "3x96")}
     # a teacher that is also a student keeps its student budgets and adds the longer run
     both = plan_points(config(teacher_steps=600))
-    assert [p.steps for p in both if p.kind == "supervised" and p.size == "3x96"] == [100, 300, 600]
+    assert [(p.kind, p.steps) for p in both if p.size == "3x96" and p.kind != "distill"] == [
+        ("supervised", 100), ("supervised", 300), ("teacher", 600)]
     assert teacher_point(both, "3x96").steps == 600
+
+
+def test_seeds_repeat_every_configuration_but_not_the_teachers_run():
+    points = plan_points(config(teacher_steps=600, seeds=3))
+    one = plan_points(config(teacher_steps=600))
+    assert len([p for p in points if p.kind != "teacher"]) == 3 * len([p for p in one if p.kind != "teacher"])
+    assert {p.seed for p in points if p.kind in ("supervised", "distill")} == {0, 1, 2}
+    assert [p.seed for p in points if p.kind == "teacher"] == [0]
+    assert teacher_point(points, "3x96").seed == 0
+
+
+def run_record(kind, size, steps, seed, loss, teacher=""):
+    return {"kind": kind, "size": size, "D": steps * 100, "L": loss, "key": f"{kind}{size}{steps}{teacher}{seed}",
+            "point": {"seed": seed, "teacher": teacher, "steps": steps}}
+
+
+def test_mean_over_seeds_averages_each_configuration_and_drops_teacher_runs():
+    runs = [run_record("supervised", "2x64", 10, s, loss) for s, loss in ((1, 5.2), (0, 5.0), (2, 5.3))]
+    runs += [run_record("distill", "2x64", 10, 0, 4.9, "pipeline"), run_record("teacher", "3x96", 60, 0, 4.0)]
+    by_kind = {r["kind"]: r for r in mean_over_seeds(runs)}
+    assert set(by_kind) == {"supervised", "distill"}
+    sup = by_kind["supervised"]
+    assert sup["L"] == pytest.approx(15.5 / 3)
+    assert sup["L_runs"] == [5.0, 5.2, 5.3] and sup["seeds"] == [0, 1, 2] and sup["key"] == "supervised2x64100"
+    assert sup["L_sem"] == pytest.approx(np.std([5.0, 5.2, 5.3], ddof=1) / 3 ** 0.5)
+    assert by_kind["distill"]["L_sem"] == 0.0
+    with pytest.raises(ValueError, match="mean_over_seeds"):
+        fit_calibration(runs[:3], 0.0)
 
 
 @pytest.mark.parametrize("calibrate, fragment", [
@@ -100,7 +131,7 @@ def test_a_swept_teacher_trains_for_teacher_steps_and_need_not_be_a_student():
     ({"teachers": "pipeline", "steps": "100"}, "supervised law has 6 coefficients"),
     ({"heldout_share": 1.5}, "calibrate.heldout_share = 1.5 is out of range"),
     # the smallest size as the only teacher distills no student: nothing to fit Eq. 8 on
-    ({"teachers": "1x48"}, "give 0 distillation points"),
+    ({"teachers": "1x48"}, "give 0 distillation configurations"),
 ])
 def test_bad_calibrate_params_name_the_key(calibrate, fragment):
     with pytest.raises(ConfigError, match=None) as info:
@@ -225,10 +256,12 @@ def synthetic_records():
     records = []
     for n in np.geomspace(1e4, 1e6, 4):
         for d in np.geomspace(1e5, 1e7, 4):
-            records.append({"kind": "supervised", "N": n, "D": d, "L": float(supervised_loss(n, d, SUP))})
+            records.append({"kind": "supervised", "N": n, "D": d, "L": float(supervised_loss(n, d, SUP)),
+                            "point": {"seed": 0, "teacher": ""}})
             for l_t in (2.6, 3.2):
                 records.append({"kind": "distill", "N": n, "D": d, "L_T": l_t,
-                                "L": float(distillation_loss(n, d, l_t, truth))})
+                                "L": float(distillation_loss(n, d, l_t, truth)),
+                                "point": {"seed": 0, "teacher": f"t{l_t}"}})
     for i, r in enumerate(records):
         r.update(key=sha256_bytes(str(i).encode())[:20], size=f"{r['N']:.0f}")
     return records
@@ -297,7 +330,7 @@ def test_fit_with_too_few_points_after_holding_out_is_refused():
         fit_calibration(records, heldout_share=0.3, n_starts=4)
     records[-1:] = []  # 11 distillation points, 8 kept: too few for Eq. 8 (9 coefficients)
     with pytest.raises(ValueError, match="8 distillation points left .* fewer than the 9"):
-        fit_calibration(records + [dict(r, key=f"x{i}") for i, r in enumerate(records[:3])],
+        fit_calibration(records + [dict(r, key=f"x{i}", D=1.5 * r["D"]) for i, r in enumerate(records[:3])],
                         heldout_share=0.3, n_starts=4)
 
 

@@ -228,6 +228,17 @@ def test_calibrated_support_covers_tokens_and_teacher_loss():
     assert {w.split("=")[0] for w in d.warnings} == {"student_tokens", "teacher_loss"}
 
 
+def test_support_bounds_allow_float32_rounding_of_the_same_teacher_loss():
+    # the teacher stage stores its loss from float32; the sweep measured the same teacher in float64
+    edge = dict(student_params=1e6, student_tokens=1e8, teacher_params=1e7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        d = decide(GateQuery(teacher_loss=float(np.float32(3.5 + 3e-7)), **edge), CALIBRATED)
+    assert d.in_support
+    with pytest.warns(OutOfSupportWarning):
+        assert not decide(GateQuery(teacher_loss=3.5001, **edge), CALIBRATED).in_support
+
+
 # ---------------------------------------------------------------- output
 
 
