@@ -123,7 +123,7 @@ class CalibrateConfig:
     students: str = "2x32, 2x48, 2x64"
     head_dim: int = field(default=16, metadata=_range(1, 65536))
     # Token budgets as optimizer steps at train.batch_size, comma-separated.
-    steps: str = "75, 150, 300"
+    steps: str = "75, 120, 190, 300"
     # Teachers: "pipeline" (the teacher stage's model) and/or "<layers>x<d_model>" (a
     # supervised sweep model of that size trained for teacher_steps, reused as a teacher, as
     # the paper did; it distills the students smaller than itself).
