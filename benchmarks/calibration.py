@@ -86,7 +86,8 @@ def run_points(cfg, store_root: Path, stored_only: bool = False) -> tuple[list[d
     manifest, teacher = read_json(PREPARED / "manifest.json"), read_json(TEACHER_JSON)
     points = plan_points(cfg)
     size = f"{cfg.student.layers}x{cfg.student.d_model}"
-    template = [p for p in points if p.size == size]
+    # the student's supervised and distilled points (not a swept teacher's own run of that size)
+    template = [p for p in points if p.size == size and p.kind != "teacher"]
     if not template:
         raise ValueError(f"calibrate.students must include the pipeline's student {size} for this benchmark")
     steps, warmup = cfg.train.steps, warmup_for_steps(cfg, cfg.train.steps)
@@ -123,14 +124,15 @@ def seed_noise(records: list[dict]) -> dict:
     margins L_sup − L_dist (empty with one seed per configuration)."""
     import numpy as np
 
-    sup = {config_of(r): r for r in records if r["kind"] == "supervised"}
-    if not any(len(r.get("L_runs", [])) > 1 for r in records):
+    repeated = [r for r in records if len(r["L_runs"]) > 1]
+    if not repeated:
         return {}
-    margins = [margin_sem(sup[config_of(r)], r) for r in records
+    sup = {config_of(r): r for r in repeated if r["kind"] == "supervised"}
+    margins = [margin_sem(sup[config_of(r)], r) for r in repeated
                if r["kind"] == "distill" and config_of(r) in sup]
-    return {"seeds": max(len(r["L_runs"]) for r in records),
-            "loss_sem_median": float(np.median([r["L_sem"] for r in records])),
-            "loss_std_median": float(np.median([np.std(r["L_runs"], ddof=1) for r in records])),
+    return {"seeds": max(len(r["L_runs"]) for r in repeated),
+            "loss_sem_median": float(np.median([r["L_sem"] for r in repeated])),
+            "loss_std_median": float(np.median([np.std(r["L_runs"], ddof=1) for r in repeated])),
             "margin_sem_median": float(np.median(margins)) if margins else None}
 
 
