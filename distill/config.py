@@ -101,6 +101,11 @@ class GateConfig:
     """The scaling-law gate: which coefficients, which scenario, or a forced decision."""
 
     coefficients: str = "auto"  # auto (calibrated if present, else paper) | paper | <path>
+    # What is fixed: data-limited (the student's tokens: both branches train on train.steps'
+    # tokens, the teacher's cost is not charged) or compute-limited (the FLOPs of training
+    # the student supervised for train.steps: distillation gets what is left after the
+    # scenario's teacher costs, Eq. 9, and trains for fewer steps or not at all).
+    question: str = field(default="data-limited", metadata=_choice("data-limited", "compute-limited"))
     scenario: str = field(
         default="teacher-inference",
         metadata=_choice("best-case", "teacher-inference", "teacher-pretraining",

@@ -30,12 +30,23 @@ from distill.law import (
 )
 
 __all__ = [
-    "SCENARIOS", "TOKEN_RANGE", "OutOfSupportWarning", "UnreliableDecisionWarning", "GateQuery",
+    "SCENARIOS", "QUESTIONS", "TOKEN_RANGE", "OutOfSupportWarning", "UnreliableDecisionWarning",
+    "TeacherAssumptionWarning", "GateQuery",
     "SupervisedBranch", "DistillBranch",
     "Decision", "decide", "teacher_loss_for", "crossover_tokens", "format_table", "plot_decision_map",
 ]
 
 TOKEN_RANGE = (1e6, 1e17)  # bounds the paper put on every variable of compute-optimal distillation
+
+# The question the gate answers. data-limited: the student's tokens are fixed (the data is
+# what is scarce); both branches train on them and the teacher's cost is not charged (the
+# scenario's FLOPs are reported only). compute-limited: the budget C is fixed; supervised
+# spends all of it on student tokens, distillation what is left after the scenario's
+# teacher costs (Eq. 9), which can be nothing.
+QUESTIONS = ("data-limited", "compute-limited")
+QUESTION_HELP = ("data-limited (the student's tokens are fixed; both branches train on them and the "
+                 "teacher's cost is not charged) | compute-limited (the FLOPs are fixed; supervised gets "
+                 "all of them as tokens, distillation what is left after the scenario's teacher costs, Eq. 9)")
 
 
 class OutOfSupportWarning(UserWarning):
@@ -46,11 +57,21 @@ class UnreliableDecisionWarning(UserWarning):
     """The predicted margin between the branches is within the calibrated laws' own margin error."""
 
 
+class TeacherAssumptionWarning(UserWarning):
+    """The teacher is not larger than the student, which the distillation law assumes."""
+
+
 @dataclass(frozen=True)
 class GateQuery:
-    """What the gate is asked. Give exactly one of ``student_tokens`` and ``compute`` (FLOPs);
-    describe the teacher by ``teacher_params`` and ``teacher_tokens`` (its loss then comes
-    from the supervised law) and/or by a measured ``teacher_loss`` (calibrated sets only)."""
+    """What the gate is asked.
+
+    ``question`` says what is fixed (see ``QUESTIONS``). data-limited: give
+    ``student_tokens``. compute-limited: give ``compute`` (FLOPs) or ``student_tokens``
+    (then the budget is what supervised training on them costs, 3 F(N_S) D_S). Describe
+    the teacher by ``teacher_params`` and ``teacher_tokens`` (its loss then comes from the
+    supervised law) and/or by a measured ``teacher_loss`` (calibrated sets only). In a
+    compute-limited question whose scenario trains the teacher, a query without any teacher
+    lets the gate choose a compute-optimal one. ``n_ctx`` defaults to the paper's 4096."""
 
     student_params: float
     student_tokens: float | None = None
@@ -59,7 +80,8 @@ class GateQuery:
     teacher_tokens: float | None = None
     teacher_loss: float | None = None
     scenario: str = "teacher-inference"
-    n_ctx: int = 2048
+    question: str = "data-limited"
+    n_ctx: int = 4096
     n_vocab: int = 32768
 
     def validate(self) -> GateQuery:
@@ -74,24 +96,48 @@ class GateQuery:
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
         if (self.student_tokens is None) == (self.compute is None):
             raise ValueError("student_tokens/compute: give exactly one of them (a token budget or a FLOP budget)")
+        if self.question not in QUESTIONS:
+            raise ValueError(f"question: unknown {self.question!r}; allowed: {QUESTION_HELP}")
+        if self.question == "data-limited" and self.compute is not None:
+            raise ValueError("compute: a FLOP budget asks the compute-limited question; give student_tokens "
+                             "for the data-limited one, or set question to compute-limited")
         scenario_deltas(self.scenario)
         self._validate_teacher()
         self._validate_compute()
         return self
 
+    @property
+    def charges_teacher(self) -> bool:
+        """Whether the scenario's teacher costs come out of the budget (compute-limited only)."""
+        return self.question == "compute-limited"
+
+    @property
+    def has_teacher_size(self) -> bool:
+        """Whether the teacher is described by its parameters and pretraining tokens."""
+        return self.teacher_params is not None and self.teacher_tokens is not None
+
+    @property
+    def picks_teacher(self) -> bool:
+        """A compute-limited question that trains the teacher and names none: the gate picks it."""
+        no_teacher = self.teacher_params is None and self.teacher_tokens is None and self.teacher_loss is None
+        return self.charges_teacher and bool(scenario_deltas(self.scenario)[1]) and no_teacher
+
     def _validate_teacher(self) -> None:
-        has_size = self.teacher_params is not None and self.teacher_tokens is not None
-        if not has_size and self.teacher_loss is None:
+        if self.picks_teacher:
+            return
+        if not self.has_teacher_size and self.teacher_loss is None:
             raise ValueError("teacher_params/teacher_tokens/teacher_loss: describe the teacher by "
                              "teacher_params and teacher_tokens, or by a measured teacher_loss")
+        if not self.charges_teacher:
+            return  # data-limited: the teacher's cost is reported where known, never charged
         d_lgt, d_pre = scenario_deltas(self.scenario)
-        optimised = d_pre and self.compute is not None  # the gate picks the teacher itself then
-        if d_lgt and not optimised and self.teacher_params is None:
-            raise ValueError(f"teacher_params: scenario {self.scenario!r} counts the teacher's logit FLOPs, "
-                             "so its size is needed")
-        if d_pre and not optimised and not has_size:
-            raise ValueError(f"teacher_params/teacher_tokens: scenario {self.scenario!r} counts the teacher's "
-                             "pretraining FLOPs, so its size and tokens are needed")
+        if d_lgt and self.teacher_params is None:
+            raise ValueError(f"teacher_params: scenario {self.scenario!r} charges the teacher's logit FLOPs "
+                             "to the compute-limited budget, so its size is needed")
+        if d_pre and not self.has_teacher_size:
+            raise ValueError(f"teacher_params/teacher_tokens: scenario {self.scenario!r} charges the teacher's "
+                             "pretraining FLOPs to the compute-limited budget, so its size and tokens are "
+                             "needed (or describe no teacher at all and the gate picks a compute-optimal one)")
 
     def _validate_compute(self) -> None:
         if self.compute is None:
@@ -100,6 +146,14 @@ class GateQuery:
         if self.compute < one_step:
             raise ValueError(f"compute: {self.compute:.3g} FLOPs is less than one training step of the student "
                              f"({one_step:.3g} FLOPs for {self.n_ctx} tokens)")
+
+    def budget_flops(self) -> float | None:
+        """The compute-limited budget C in FLOPs (None for the data-limited question)."""
+        if not self.charges_teacher:
+            return None
+        if self.compute is not None:
+            return float(self.compute)
+        return float(supervised_compute(self.student_params, self.student_tokens, self.n_ctx, self.n_vocab))
 
 
 def _positive(name: str, value: Any) -> None:
@@ -120,15 +174,25 @@ class SupervisedBranch:
 
 @dataclass(frozen=True)
 class DistillBranch:
-    """Predicted outcome of distilling the student from the teacher."""
+    """Predicted outcome of distilling the student from the teacher.
+
+    ``compute`` is Eq. 9 under the scenario (None where the teacher's size is unknown);
+    ``teacher_compute`` its teacher part. In a compute-limited question whose teacher costs
+    use up the budget, ``tokens`` is 0 and ``loss`` inf: the branch is not feasible."""
 
     loss: float
     teacher_loss: float
     tokens: float
-    compute: float
+    compute: float | None
     teacher_params: float | None
     teacher_tokens: float | None
     teacher_loss_source: str  # "measured", "supervised law" or "compute-optimal teacher"
+    teacher_compute: float | None = None
+
+    @property
+    def feasible(self) -> bool:
+        """False when the budget leaves the student no tokens after the teacher's costs."""
+        return self.tokens > 0 and math.isfinite(self.loss)
 
 
 @dataclass(frozen=True)
@@ -147,12 +211,21 @@ class Decision:
     distill: DistillBranch
     query: GateQuery
 
+    @property
+    def question(self) -> str:
+        """data-limited or compute-limited (see ``QUESTIONS``)."""
+        return self.query.question
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form (non-finite numbers become None)."""
         return _jsonable({
             "decision": self.decision,
             "reason": self.reason,
+            "question": self.question,
             "scenario": self.scenario,
+            "teacher_costs_charged": self.query.charges_teacher,
+            "budget_flops": self.query.budget_flops(),
+            "distill_feasible": self.distill.feasible,
             "coefficients": self.coefficients,
             "in_support": self.in_support,
             "warnings": list(self.warnings),
@@ -254,28 +327,53 @@ def _crossover_note(student_params: float, teacher_loss: float, coefs: Coefficie
 
 
 def _supervised_branch(query: GateQuery, coefs: CoefficientSet) -> SupervisedBranch:
-    f_s = flops_per_token(query.student_params, query.n_ctx, query.n_vocab)
-    tokens = query.student_tokens if query.student_tokens is not None else query.compute / (3.0 * f_s)
+    """Supervised training: the fixed tokens (data-limited) or all of the budget as tokens."""
+    budget = query.budget_flops()
+    if query.student_tokens is not None:
+        tokens = float(query.student_tokens)
+    else:
+        tokens = budget / (3.0 * flops_per_token(query.student_params, query.n_ctx, query.n_vocab))
     loss = float(supervised_loss(query.student_params, tokens, coefs.supervised))
     return SupervisedBranch(loss, float(tokens), float(supervised_compute(query.student_params, tokens,
                                                                            query.n_ctx, query.n_vocab)))
 
 
-def _fixed_teacher_branch(query: GateQuery, coefs: CoefficientSet) -> DistillBranch:
-    """Distillation from the given teacher: all of a compute budget goes to student tokens."""
-    teacher_loss, source = teacher_loss_for(query, coefs)
+def _teacher_compute(query: GateQuery, tokens: float) -> float | None:
+    """The scenario's teacher FLOPs of Eq. 9 at ``tokens`` student tokens (None when unknown)."""
     d_lgt, d_pre = scenario_deltas(query.scenario)
-    tokens = query.student_tokens
-    if tokens is None:
-        per_token = 3.0 * flops_per_token(query.student_params, query.n_ctx, query.n_vocab)
-        if d_lgt:
-            per_token += flops_per_token(query.teacher_params, query.n_ctx, query.n_vocab)
-        tokens = query.compute / per_token
-    compute = distillation_compute(query.student_params, tokens, query.teacher_params, query.teacher_tokens,
-                                   query.scenario, query.n_ctx, query.n_vocab)
-    loss = float(distillation_loss(query.student_params, tokens, teacher_loss, coefs))
-    return DistillBranch(loss, teacher_loss, float(tokens), float(compute), query.teacher_params,
-                         query.teacher_tokens, source)
+    if not (d_lgt or d_pre):
+        return 0.0
+    if query.teacher_params is None or (d_pre and query.teacher_tokens is None):
+        return None
+    f_t = flops_per_token(query.teacher_params, query.n_ctx, query.n_vocab)
+    return float(f_t * (d_lgt * tokens + (3.0 * d_pre * query.teacher_tokens if d_pre else 0.0)))
+
+
+def _distill_tokens(query: GateQuery) -> float:
+    """Student tokens of the distill branch: the fixed ones (data-limited), or what the budget
+    buys after the scenario's teacher pretraining, at 3 F(N_S) + delta_lgt F(N_T) per token
+    (compute-limited); 0 when the teacher's costs use up the budget."""
+    budget = query.budget_flops()
+    if budget is None:
+        return float(query.student_tokens)
+    d_lgt, d_pre = scenario_deltas(query.scenario)
+    per_token = 3.0 * flops_per_token(query.student_params, query.n_ctx, query.n_vocab)
+    if d_lgt:
+        per_token += flops_per_token(query.teacher_params, query.n_ctx, query.n_vocab)
+    left = budget - (_teacher_compute(query, 0.0) or 0.0) if d_pre else budget
+    return float(left / per_token) if left > 0 else 0.0
+
+
+def _fixed_teacher_branch(query: GateQuery, coefs: CoefficientSet) -> DistillBranch:
+    """Distillation from the given teacher, charged as the question says."""
+    teacher_loss, source = teacher_loss_for(query, coefs)
+    tokens = _distill_tokens(query)
+    teacher_flops = _teacher_compute(query, tokens)
+    compute = None if teacher_flops is None else float(
+        supervised_compute(query.student_params, tokens, query.n_ctx, query.n_vocab) + teacher_flops)
+    loss = float(distillation_loss(query.student_params, tokens, teacher_loss, coefs)) if tokens > 0 else math.inf
+    return DistillBranch(loss, teacher_loss, tokens, compute, query.teacher_params, query.teacher_tokens,
+                         source, teacher_flops)
 
 
 def _allocation(u: np.ndarray, query: GateQuery) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -285,8 +383,9 @@ def _allocation(u: np.ndarray, query: GateQuery) -> tuple[np.ndarray, np.ndarray
     share = 1.0 / (1.0 + np.exp(-u[..., 1]))
     f_s = flops_per_token(query.student_params, query.n_ctx, query.n_vocab)
     f_t = np.asarray(flops_per_token(n_t, query.n_ctx, query.n_vocab))
-    d_s = share * query.compute / (3.0 * f_s + d_lgt * f_t)
-    d_t = (1.0 - share) * query.compute / (3.0 * f_t)
+    budget = query.budget_flops()
+    d_s = share * budget / (3.0 * f_s + d_lgt * f_t)
+    d_t = (1.0 - share) * budget / (3.0 * f_t)
     return d_s, n_t, d_t
 
 
@@ -313,7 +412,7 @@ def _optimal_teacher_branch(query: GateQuery, coefs: CoefficientSet) -> DistillB
     grid = np.stack(np.meshgrid(log_nt, logit, indexing="ij"), axis=-1).reshape(-1, 2)
     values = _allocation_loss(grid, query, coefs)
     if not np.isfinite(values).any():
-        raise ValueError(f"compute: {query.compute:.3g} FLOPs cannot train a teacher and student with every "
+        raise ValueError(f"compute: {query.budget_flops():.3g} FLOPs cannot train a teacher and student with every "
                          f"size and token count in [{TOKEN_RANGE[0]:.0e}, {TOKEN_RANGE[1]:.0e}]")
     best_u, best = grid[int(np.argmin(values))], float(np.min(values))
     for start in grid[np.argsort(values)[:4]]:
@@ -324,7 +423,9 @@ def _optimal_teacher_branch(query: GateQuery, coefs: CoefficientSet) -> DistillB
     d_s, n_t, d_t = (float(v) for v in _allocation(best_u, query))
     teacher_loss = float(supervised_loss(n_t, d_t, coefs.supervised))
     compute = distillation_compute(query.student_params, d_s, n_t, d_t, query.scenario, query.n_ctx, query.n_vocab)
-    return DistillBranch(best, teacher_loss, d_s, float(compute), n_t, d_t, "compute-optimal teacher")
+    student = supervised_compute(query.student_params, d_s, query.n_ctx, query.n_vocab)
+    return DistillBranch(best, teacher_loss, d_s, float(compute), n_t, d_t, "compute-optimal teacher",
+                         float(compute - student))
 
 
 # Relative slack of the support's bounds: the teacher stage's float32 loss and the sweep's
@@ -350,39 +451,52 @@ def decide(query: GateQuery, coefs: CoefficientSet) -> Decision:
     """Predict both branches for ``query`` with ``coefs`` and choose the one with lower loss
     (ties go to supervised: no labelling needed).
 
-    With a compute budget in a scenario that includes teacher pretraining, the teacher is
-    chosen compute-optimally (N_T, D_T, D_S spending exactly the budget), as in the paper;
-    the query's teacher is then not used. Otherwise the query's teacher is used as given."""
+    The data-limited question trains both branches on the same tokens and charges nothing
+    for the teacher. The compute-limited one gives supervised all of the budget as tokens
+    and distillation what is left after the scenario's teacher costs; with a scenario that
+    trains the teacher and no teacher in the query, the teacher is chosen compute-optimally
+    (N_T, D_T, D_S spending exactly the budget), as in the paper."""
     query.validate()
     if coefs.distillation is None:
         raise ValueError(f"coefs: coefficient set {coefs.name!r} has no distillation law")
     _check_loss_scale(query, coefs)
     sup = _supervised_branch(query, coefs)
-    _, d_pre = scenario_deltas(query.scenario)
-    if d_pre and query.compute is not None:
-        dist = _optimal_teacher_branch(query, coefs)
-    else:
-        dist = _fixed_teacher_branch(query, coefs)
+    dist = _optimal_teacher_branch(query, coefs) if query.picks_teacher else _fixed_teacher_branch(query, coefs)
     # The search starts below the query (small calibrated runs sit under the paper's 1e6),
     # so a crossover just under or over the query is found and the note describes its range.
-    lo = min(TOKEN_RANGE[0], min(sup.tokens, dist.tokens) / 100)
+    tokens = [t for t in (sup.tokens, dist.tokens) if t > 0]
+    lo = min(TOKEN_RANGE[0], min(tokens) / 100)
     cross = crossover_tokens(query.student_params, dist.teacher_loss, coefs, lo=lo)
     note = _crossover_note(query.student_params, dist.teacher_loss, coefs, cross, lo)
     msgs = _support_warnings(coefs, {
         "student_params": [query.student_params],
-        "student_tokens": sorted({sup.tokens, dist.tokens}),
+        "student_tokens": sorted(set(tokens)),
         "teacher_params": [dist.teacher_params],
         "teacher_tokens": [dist.teacher_tokens],
         "teacher_loss": [dist.teacher_loss],
     })
     for msg in msgs:
         warnings.warn(msg, OutOfSupportWarning, stacklevel=2)
-    doubt = _margin_doubt(coefs, sup.loss - dist.loss)
+    notes = list(msgs)
+    if teacher_note := _teacher_size_note(query.student_params, query.teacher_params):
+        warnings.warn(teacher_note, TeacherAssumptionWarning, stacklevel=2)
+        notes.append(teacher_note)
+    doubt = _margin_doubt(coefs, sup.loss - dist.loss) if dist.feasible else ""
     if doubt:
         warnings.warn(doubt, UnreliableDecisionWarning, stacklevel=2)
+        notes.append(doubt)
     choice = "distill" if dist.loss < sup.loss else "supervised"
     return Decision(choice, _reason(choice, query, coefs, sup, dist, note), query.scenario, coefs.name,
-                    not msgs, tuple(msgs) + ((doubt,) if doubt else ()), cross, note, sup, dist, query)
+                    not msgs, tuple(notes), cross, note, sup, dist, query)
+
+
+def _teacher_size_note(student_params: float, teacher_params: float | None) -> str:
+    """A warning when the teacher is not larger than the student ('' otherwise)."""
+    if teacher_params is None or teacher_params > student_params:
+        return ""
+    return (f"teacher_params={teacher_params:.3g} is not larger than student_params={student_params:.3g}: "
+            "the distillation law was fitted on teachers larger than their students (a stronger model "
+            "teaching a smaller one); for this pair its prediction is an extrapolation")
 
 
 def _margin_doubt(coefs: CoefficientSet, margin: float) -> str:
@@ -399,15 +513,26 @@ def _margin_doubt(coefs: CoefficientSet, margin: float) -> str:
 
 def _reason(choice: str, query: GateQuery, coefs: CoefficientSet, sup: SupervisedBranch,
             dist: DistillBranch, note: str) -> str:
-    budget = (f"{query.student_tokens:.3g} tokens" if query.student_tokens is not None
-              else f"{query.compute:.3g} FLOPs")
+    if query.charges_teacher:
+        budget = f"{query.budget_flops():.3g} FLOPs"
+        question = f"compute-limited ({budget}, the teacher's {query.scenario} costs charged)"
+    else:
+        budget = f"{query.student_tokens:.3g} tokens"
+        question = f"data-limited ({budget} for both branches, the teacher's cost not charged)"
     teacher = f"teacher L_T={dist.teacher_loss:.4g} ({dist.teacher_loss_source}"
     teacher += f", N_T={dist.teacher_params:.3g})" if dist.teacher_params is not None else ")"
+    where = (f"N_S={query.student_params:.3g}, {teacher}, scenario {query.scenario}, "
+             f"coefficients {coefs.name!r}")
+    if not dist.feasible:
+        return (f"supervised: the teacher's costs ({dist.teacher_compute:.3g} FLOPs) leave distillation no "
+                f"student tokens in the budget of {budget}; supervised trains on {sup.tokens:.3g} tokens "
+                f"for a predicted loss {sup.loss:.4f} (question {question}; {where}).")
     winner, loser = (dist.loss, sup.loss) if choice == "distill" else (sup.loss, dist.loss)
     other = "supervised" if choice == "distill" else "distillation"
+    tokens = (f"student tokens {sup.tokens:.3g} supervised, {dist.tokens:.3g} distilled; "
+              if query.charges_teacher else "")
     return (f"{choice}: predicted student loss {winner:.4f} vs {loser:.4f} for {other} "
-            f"(N_S={query.student_params:.3g}, budget {budget}, {teacher}, scenario {query.scenario}, "
-            f"coefficients {coefs.name!r}); {note}.")
+            f"(question {question}; {tokens}{where}); {note} at equal student tokens.")
 
 
 # --------------------------------------------------------------------------------------
@@ -425,7 +550,7 @@ def format_table(decision: Decision) -> str:
     """A plain-text table of a decision: both branches side by side, then provenance."""
     s, d = decision.supervised, decision.distill
     rows = [
-        ("predicted loss", _fmt(s.loss, ".4f"), _fmt(d.loss, ".4f")),
+        ("predicted loss", _fmt(s.loss, ".4f"), _fmt(d.loss, ".4f") if d.feasible else "infeasible"),
         ("student tokens", _fmt(s.tokens, ".3e"), _fmt(d.tokens, ".3e")),
         ("compute (FLOPs)", _fmt(s.compute, ".3e"), _fmt(d.compute, ".3e")),
         ("teacher loss", "-", _fmt(d.teacher_loss, ".4f") + f" ({d.teacher_loss_source})"),
@@ -433,7 +558,9 @@ def format_table(decision: Decision) -> str:
         ("teacher tokens", "-", _fmt(d.teacher_tokens, ".3e")),
     ]
     width = max(len(r[0]) for r in rows) + 2
+    charged = "teacher costs charged" if decision.query.charges_teacher else "teacher cost not charged"
     lines = [f"gate decision: {decision.decision.upper()}",
+             f"question: {decision.question} ({charged})",
              f"coefficients: {decision.coefficients}   scenario: {decision.scenario}   "
              f"in support: {'yes' if decision.in_support else 'NO'}",
              "",

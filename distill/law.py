@@ -72,22 +72,25 @@ class CoefficientSet:
     quality: dict[str, Any] = field(default_factory=dict)
 
 
-# The token ranges are left out on purpose: the paper states the parameter range
-# (143M-12.6B) plainly, but we could not confirm the exact range of token counts its
-# fits covered, and a guessed range would make the support check lie. Teacher loss is
-# left out because L_T on the paper's scale only comes from its own supervised law.
+# The paper's published ranges (abstract of arXiv:2502.08606): students and teachers of
+# 143M-12.6B parameters "trained on data of a few billion to 512B tokens" (the low end
+# taken as 1e9). Teacher loss is left out because L_T on the paper's scale only comes
+# from its own supervised law.
+PAPER_TOKENS = (1e9, 5.12e11)
 PAPER = CoefficientSet(
     name="paper",
     supervised=SupervisedCoefficients(E=1.220, A=3355.0, B=18186.0, alpha=0.408, beta=0.431, gamma=0.452),
     distillation=DistillationCoefficients(
         c0=2.549, c1=522.6, d1=1.315, f1=0.090, A=2243.0, B=24181.0, alpha=0.321, beta=0.637, gamma=0.764
     ),
-    support={"student_params": (1.43e8, 1.26e10), "teacher_params": (1.43e8, 1.26e10)},
+    support={"student_params": (1.43e8, 1.26e10), "teacher_params": (1.43e8, 1.26e10),
+             "student_tokens": PAPER_TOKENS, "teacher_tokens": PAPER_TOKENS},
     quality={
         "source": "Busbridge et al. 2025, Distillation Scaling Laws, arXiv:2502.08606",
         "data": "C4 English, ~32k vocabulary",
         "reported_relative_error": "<~1%",
-        "note": "valid only for that dataset/tokenizer/scale; token support unknown",
+        "note": "valid only for that dataset/tokenizer/scale (143M-12.6B parameters, a few billion "
+                "to 512B tokens)",
     },
 )
 
@@ -173,14 +176,14 @@ def flops_per_token(N: Any, n_ctx: int, n_vocab: int, rho: float = 128, omega: f
     return out if out.ndim else float(out)
 
 
-def supervised_compute(N_S: Any, D_S: Any, n_ctx: int = 2048, n_vocab: int = 32768) -> np.ndarray | float:
+def supervised_compute(N_S: Any, D_S: Any, n_ctx: int = 4096, n_vocab: int = 32768) -> np.ndarray | float:
     """Training FLOPs of supervised training: 3 F(N_S) D_S."""
     out = 3.0 * _arr(flops_per_token(N_S, n_ctx, n_vocab)) * _arr(D_S)
     return out if out.ndim else float(out)
 
 
 def distillation_compute(
-    N_S: Any, D_S: Any, N_T: Any, D_T: Any, scenario: str, n_ctx: int = 2048, n_vocab: int = 32768
+    N_S: Any, D_S: Any, N_T: Any, D_T: Any, scenario: str, n_ctx: int = 4096, n_vocab: int = 32768
 ) -> np.ndarray | float:
     """Eq. 9: 3 F(N_S) D_S + F(N_T) (delta_lgt D_S + delta_pre 3 D_T).
 
@@ -243,6 +246,33 @@ def _support_from_dict(raw: Any, source: str) -> dict[str, tuple[float, float]]:
     return support
 
 
+# What each coefficient must satisfy for the laws to be defined and to describe a loss that
+# falls with N and D: positive scales (their logs are taken), non-negative exponents, a
+# non-negative irreducible loss. c0 may have either sign (the paper's is 2.549).
+_POSITIVE = {"supervised": ("A", "B"), "distillation": ("c1", "d1", "f1", "A", "B")}
+_NON_NEGATIVE = {"supervised": ("E", "alpha", "beta", "gamma"), "distillation": ("alpha", "beta", "gamma")}
+
+
+def check_coefficients(coef_set: CoefficientSet, source: str) -> CoefficientSet:
+    """Raise ValueError naming ``source`` and the key when a coefficient has the wrong sign
+    (see ``_POSITIVE``/``_NON_NEGATIVE``); returns the set. Called wherever a set is built
+    from a file or a fit."""
+    for law in ("supervised", "distillation"):
+        coefs = getattr(coef_set, law)
+        if coefs is None:
+            continue
+        for name in _POSITIVE[law]:
+            value = getattr(coefs, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{source}: key '{law}.{name}' must be > 0, got {value!r}")
+        for name in _NON_NEGATIVE[law]:
+            value = getattr(coefs, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{source}: key '{law}.{name}' must be >= 0, got {value!r}"
+                                 + (" (a negative irreducible loss)" if name == "E" else ""))
+    return coef_set
+
+
 def coefficients_from_dict(raw: Any, source: str = "<dict>") -> CoefficientSet:
     """Build a CoefficientSet from the JSON structure of ``save_coefficients``; errors name ``source`` and the key."""
     if not isinstance(raw, dict):
@@ -260,7 +290,7 @@ def coefficients_from_dict(raw: Any, source: str = "<dict>") -> CoefficientSet:
     quality = raw.get("quality", {})
     if not isinstance(quality, dict):
         raise ValueError(f"{source}: key 'quality' must be an object")
-    return CoefficientSet(raw["name"], supervised, distillation, support, quality)
+    return check_coefficients(CoefficientSet(raw["name"], supervised, distillation, support, quality), source)
 
 
 def coefficients_to_dict(coef_set: CoefficientSet) -> dict[str, Any]:
@@ -294,7 +324,10 @@ def load_coefficients(name_or_path: str | Path) -> CoefficientSet:
         raise ValueError(f"{path}: coefficients file not found")
     try:
         # NaN/Infinity literals are accepted here so that the check below can name the key.
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not a UTF-8 text file (byte {exc.start}); a coefficients file is the "
+                         "JSON written by the calibrate stage") from exc
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from exc
     return coefficients_from_dict(raw, str(path))
@@ -645,4 +678,4 @@ def coefficient_set_from_fits(name: str, supervised: FitResult, distillation: Fi
         q.update(distillation_max_abs_rel_error=distillation.max_abs_relative_error,
                  distillation_points=len(dd["L"]))
     q.update(quality or {})
-    return CoefficientSet(name, supervised.coefficients, dist, support, q)
+    return check_coefficients(CoefficientSet(name, supervised.coefficients, dist, support, q), f"fit {name!r}")

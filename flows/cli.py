@@ -88,45 +88,122 @@ for _stage in STAGES:
 
 @app.command()
 def gate(
-    params: Path = typer.Option(Path("params.yaml"), help="parameters file (stage mode)"),
+    stage: bool = typer.Option(False, "--stage", help="run the pipeline's gate stage on --params instead of "
+                               "answering a query"),
+    params: Path = typer.Option(Path("params.yaml"), help="parameters file (with --stage)"),
+    question: Optional[str] = typer.Option(None, help="what is fixed: data-limited (the student's tokens; "
+                                           "the teacher's cost not charged) | compute-limited (the FLOPs; "
+                                           "the scenario's teacher costs charged, Eq. 9)"),
     student_params: Optional[float] = typer.Option(None, help="student non-embedding parameters N_S"),
-    student_tokens: Optional[float] = typer.Option(None, help="student training tokens D_S"),
-    compute: Optional[float] = typer.Option(None, help="total FLOP budget C (instead of --student-tokens)"),
+    student_tokens: Optional[float] = typer.Option(None, help="student training tokens D_S (compute-limited: "
+                                                   "the budget is supervised training on them)"),
+    compute: Optional[float] = typer.Option(None, help="FLOP budget C (compute-limited, instead of "
+                                            "--student-tokens)"),
     teacher_params: Optional[float] = typer.Option(None, help="teacher non-embedding parameters N_T"),
     teacher_tokens: Optional[float] = typer.Option(None, help="teacher pretraining tokens D_T"),
     teacher_loss: Optional[float] = typer.Option(None, help="measured teacher loss L_T (calibrated only)"),
-    scenario: str = typer.Option("teacher-inference", help="best-case | teacher-inference | "
-                                 "teacher-pretraining | teacher-pretraining+inference"),
+    scenario: str = typer.Option("teacher-inference", help="which teacher costs a compute-limited question "
+                                 "charges: best-case | teacher-inference | teacher-pretraining | "
+                                 "teacher-pretraining+inference"),
     coefficients: str = typer.Option("paper", help="paper, or a calibrated coefficients JSON file"),
-    n_ctx: int = typer.Option(2048, help="context length"),
+    n_ctx: int = typer.Option(4096, help="context length in the FLOP model (the paper's compute figures use 4096)"),
     n_vocab: int = typer.Option(32768, help="vocabulary size"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     plot: Optional[Path] = typer.Option(None, help="also write the decision map PNG here"),
 ) -> None:
-    """Ask the scaling-law gate. With --student-params: answer that query; without: run the gate stage."""
+    """Ask the scaling-law gate a question (--question, --student-params, ...), or run the
+    pipeline's gate stage (--stage)."""
     quiet_telemetry()
-    if student_params is None:
+    query_flags = {"--question": question, "--student-params": student_params,
+                   "--student-tokens": student_tokens, "--compute": compute, "--teacher-params": teacher_params,
+                   "--teacher-tokens": teacher_tokens, "--teacher-loss": teacher_loss, "--plot": plot}
+    if stage:
+        given = [flag for flag, value in query_flags.items() if value is not None] + (["--json"] if as_json else [])
+        _usage_error(bool(given), f"--stage: runs the gate stage on {params} and takes no query flags "
+                                  f"(got {', '.join(given)})")
         from tasks.common import stage_main
         from tasks.gate import run as run_gate
 
         stage_main("gate", run_gate, ["--params", str(params)])
         return
-    from distill.gate import GateQuery, decide, format_table, plot_decision_map
+    _usage_error(student_params is None, "--student-params: missing; ask a question (--question, "
+                                         "--student-params, --student-tokens or --compute, the teacher) or "
+                                         "give --stage to run the pipeline's gate stage on params.yaml")
+    from distill.gate import QUESTION_HELP, QUESTIONS
+
+    _usage_error(question not in QUESTIONS, f"--question: {'missing' if question is None else repr(question)}; "
+                                            f"say what is fixed: {QUESTION_HELP}")
+    _check_plot_path(plot)
+    decision, coefs, query = _ask_gate(question, student_params, student_tokens, compute, teacher_params,
+                                       teacher_tokens, teacher_loss, scenario, coefficients, n_ctx, n_vocab)
+    if plot:
+        from distill.gate import plot_decision_map
+
+        try:
+            plot_decision_map(query, coefs, plot, decision=decision)
+        except OSError as exc:
+            _usage_error(True, f"--plot: cannot write {plot}: {exc.strerror or exc}")
+    if as_json:
+        for line in decision.warnings:  # the table prints them; with --json they go to stderr too
+            typer.echo(f"warning: {line}", err=True)
+        typer.echo(json.dumps(decision.to_dict(), indent=2))
+    else:
+        from distill.gate import format_table
+
+        typer.echo(format_table(decision))
+
+
+def _usage_error(failed: bool, message: str) -> None:
+    """Exit 2 with ``error: message`` on stderr when ``failed``."""
+    if failed:
+        typer.echo(f"error: {message}", err=True)
+        raise typer.Exit(2)
+
+
+def _check_plot_path(plot: Path | None) -> None:
+    """--plot must name a file whose folder exists or can be made (no file on the way)."""
+    if plot is None:
+        return
+    _usage_error(plot.is_dir(), f"--plot: {plot} is a folder; give a file name such as {plot / 'map.png'}")
+    for parent in plot.parents:
+        if parent.exists():
+            _usage_error(not parent.is_dir(), f"--plot: cannot write {plot}: {parent} is a file, not a folder")
+            break
+
+
+def _ask_gate(question, student_params, student_tokens, compute, teacher_params, teacher_tokens,
+              teacher_loss, scenario, coefficients, n_ctx, n_vocab):
+    """(decision, coefficient set, query) for the CLI's flags; bad input exits 2 naming it.
+    Warnings are collected into the decision (printed by the caller, without source lines)."""
+    import warnings
+
+    from distill.gate import GateQuery, decide
     from distill.law import load_coefficients
 
     try:
         coefs = load_coefficients(coefficients)
         query = GateQuery(student_params=student_params, student_tokens=student_tokens, compute=compute,
                           teacher_params=teacher_params, teacher_tokens=teacher_tokens,
-                          teacher_loss=teacher_loss, scenario=scenario, n_ctx=n_ctx,
+                          teacher_loss=teacher_loss, scenario=scenario, question=question, n_ctx=n_ctx,
                           n_vocab=n_vocab).validate()
-        decision = decide(query, coefs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # every warning is also in decision.warnings
+            decision = decide(query, coefs)
     except ValueError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
-    if plot:
-        plot_decision_map(query, coefs, plot, decision=decision)
-    typer.echo(json.dumps(decision.to_dict(), indent=2) if as_json else format_table(decision))
+        _usage_error(True, _flag_names(str(exc)))
+    return decision, coefs, query
+
+
+_QUERY_FIELDS = ("student_params", "student_tokens", "compute", "teacher_params", "teacher_tokens",
+                 "teacher_loss", "question", "scenario", "n_ctx", "n_vocab")
+
+
+def _flag_names(message: str) -> str:
+    """The query's argument names as the CLI spells them (student_params -> --student-params)."""
+    import re
+
+    pattern = r"(?<![\w.'-])(" + "|".join(_QUERY_FIELDS) + r")(?![\w'-])"
+    return re.sub(pattern, lambda m: "--" + m.group(1).replace("_", "-"), message)
 
 
 def _registry_target(root: Path, params: Path | None) -> tuple[str, object]:

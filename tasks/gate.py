@@ -8,6 +8,7 @@ query is inside their support) and the decision map PNG.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 from distill.config import Config, ModelConfig
 from distill.gate import GateQuery, decide, format_table, plot_decision_map
 from distill.io import read_json, write_json
-from distill.law import load_coefficients
+from distill.law import load_coefficients, scenario_deltas
 from distill.models import build_llama, count_parameters
 from distill.training import tokens_per_run
 from tasks.common import (COEFFICIENTS, DECISION, DECISION_MAP, PREPARED, TEACHER_JSON,
@@ -39,6 +40,11 @@ def run(cfg: Config, out: Path = DECISION, map_path: Path = DECISION_MAP) -> dic
         result["decision"] = cfg.gate.force
         result["reason"] = (f"forced by gate.force = {cfg.gate.force} (the law said "
                             f"{result['law_decision']}: {result['reason']})")
+    result["train_steps"] = branch_steps(cfg, manifest, decision)
+    if result["train_steps"][result["decision"]] < 1:
+        forced = f" (gate.force = {cfg.gate.force})" if cfg.gate.force != "none" else ""
+        raise ValueError(f"gate.question: the compute-limited budget leaves the {result['decision']} "
+                         f"branch{forced} less than one train step of tokens: {result['reason']}")
     result["coefficients_quality"] = coefficient_quality(coefs)
     result["student"] = {"non_embedding_params": query.student_params, "tokens": query.student_tokens}
     result["teacher"] = {"fingerprint": teacher["fingerprint"], "val_loss": teacher["val_loss"],
@@ -48,13 +54,25 @@ def run(cfg: Config, out: Path = DECISION, map_path: Path = DECISION_MAP) -> dic
     write_json(out, result)
     print(format_table(decision))  # includes the out-of-support warnings
     print(f"decision: {result['decision']} — {result['reason']}")
-    log_to_mlflow(params={"gate": {"coefficients": coefs.name, "scenario": query.scenario,
-                                   "force": cfg.gate.force}},
+    log_to_mlflow(params={"gate": {"coefficients": coefs.name, "question": query.question,
+                                   "scenario": query.scenario, "force": cfg.gate.force}},
                   metrics={"gate_supervised_loss": result["supervised"]["loss"],
                            "gate_distill_loss": result["distill"]["loss"],
                            "gate_distill": float(result["decision"] == "distill")},
                   artifacts=[out, map_path])
     return result
+
+
+def branch_steps(cfg: Config, manifest: dict, decision) -> dict[str, int]:
+    """Optimizer steps each branch trains for: train.steps for both in the data-limited
+    question; in the compute-limited one, the distill branch's tokens after the teacher's
+    costs, in whole steps at train.batch_size (0 when it gets none)."""
+    per_step = tokens_per_run(dataclasses.replace(cfg.train, steps=1), manifest["block_size"],
+                              cfg.train.num_workers)
+    steps = {"supervised": cfg.train.steps, "distill": cfg.train.steps}
+    if decision.query.charges_teacher:
+        steps["distill"] = min(cfg.train.steps, int(decision.distill.tokens // per_step))
+    return steps
 
 
 def coefficient_source(setting: str) -> str:
@@ -83,20 +101,27 @@ def coefficient_quality(coefs) -> dict:
 
 
 def build_query(cfg: Config, teacher: dict, manifest: dict, calibrated: bool) -> GateQuery:
-    """The gate's question for this run: student size and tokens, the teacher, the scenario."""
+    """The gate's question for this run: student size and tokens (train.steps' tokens: the
+    fixed data, or in the compute-limited question the budget of training on them
+    supervised), the teacher, the scenario."""
     block, vocab = manifest["block_size"], manifest["tokenizer"]["vocab_size"]
     teacher_tokens = teacher["tokens"] or None
     if not calibrated and teacher_tokens is None:
         raise ValueError("teacher.pretrain_tokens: the paper's law describes a teacher by its "
                          "parameters and pretraining tokens; set teacher.pretrain_tokens for a "
                          "given teacher (or calibrate and use gate.coefficients: auto)")
+    if (cfg.gate.question == "compute-limited" and scenario_deltas(cfg.gate.scenario)[1]
+            and teacher_tokens is None):
+        raise ValueError(f"teacher.pretrain_tokens: gate.question = compute-limited with gate.scenario = "
+                         f"{cfg.gate.scenario} charges the teacher's pretraining, so its tokens are needed; "
+                         "set teacher.pretrain_tokens for a given teacher")
     return GateQuery(
         student_params=float(student_non_embedding_params(cfg.student, vocab, block)),
         student_tokens=float(tokens_per_run(cfg.train, block, cfg.train.num_workers)),
         teacher_params=float(teacher["parameters"]["non_embedding"]),
         teacher_tokens=float(teacher_tokens) if teacher_tokens else None,
         teacher_loss=float(teacher["val_loss"]) if calibrated else None,
-        scenario=cfg.gate.scenario, n_ctx=block, n_vocab=vocab,
+        scenario=cfg.gate.scenario, question=cfg.gate.question, n_ctx=block, n_vocab=vocab,
     ).validate()
 
 

@@ -7,6 +7,7 @@ Writes ``models/student/`` (HF format with tokenizer) and ``reports/train.json``
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -19,15 +20,20 @@ from distill.plots import plot_loss_curves
 from distill.raylocal import init_ray
 from distill.tokenizer import load_tokenizer
 from distill.training import run_training, spec_from_config, tokens_per_run
-from tasks.common import (DECISION, LABELS, PREPARED, REPORTS, RUNS, STUDENT_DIR, TEACHER_DIR,
+from tasks.common import (DECISION, LABELS, PREPARED, RUNS, STUDENT_DIR, TEACHER_DIR,
                           TEACHER_JSON, TRAIN_REPORT, log_to_mlflow, mlflow_target, stage_main)
 
 
-def run(cfg: Config, out: Path = STUDENT_DIR) -> dict:
-    """Train the student and write its model and training report; returns the report."""
-    decision = read_json(DECISION)
+def run(cfg: Config, out: Path = STUDENT_DIR, decision_path: Path = DECISION,
+        report_path: Path = TRAIN_REPORT, branch: str | None = None) -> dict:
+    """Train the student and write its model and training report; returns the report.
+
+    ``branch`` (default: the gate's decision) trains the other branch too, for
+    ``distill gate-check``, into ``out`` with its report at ``report_path``."""
+    decision = read_json(decision_path)
     manifest = read_json(PREPARED / "manifest.json")
-    mode = decision["decision"]
+    mode = branch or decision["decision"]
+    cfg = with_branch_steps(cfg, decision, mode)
     extra: dict = {}
     if mode == "distill" and cfg.distill.source == "offline":
         data_paths, extra["label_meta"] = offline_inputs(cfg, manifest)
@@ -53,18 +59,32 @@ def run(cfg: Config, out: Path = STUDENT_DIR) -> dict:
               "tokens": tokens_per_run(cfg.train, manifest["block_size"], cfg.train.num_workers),
               "val_loss": result.final.get("val_loss"), "seconds": time.perf_counter() - started,
               "history": result.history}
-    write_json(TRAIN_REPORT, report)
+    write_json(report_path, report)
     curves = {"student": result.history}
     teacher_history = read_json(TEACHER_JSON).get("history") or []
     if teacher_history:
         curves["teacher"] = teacher_history
-    curve = plot_loss_curves(curves, REPORTS / "student_loss.png", title=f"student ({mode})")
+    curve = plot_loss_curves(curves, report_path.parent / "student_loss.png", title=f"student ({mode})")
     log_to_mlflow(params={"train": cfg.train.__dict__, "mode": mode},
                   metrics={"student_val_loss": report["val_loss"] or float("nan"),
                            "train_seconds": report["seconds"]},
-                  artifacts=[TRAIN_REPORT, curve])
+                  artifacts=[report_path, curve])
     print(f"student ({mode}) validation loss {report['val_loss']:.4f} nats/token")
     return report
+
+
+def with_branch_steps(cfg: Config, decision: dict, branch: str) -> Config:
+    """``cfg`` with the steps the gate gave ``branch`` (a compute-limited question gives the
+    distill branch fewer, after the teacher's costs); warm-up scaled with them so the
+    schedule keeps its shape. Unchanged when the decision has no ``train_steps``."""
+    steps = (decision.get("train_steps") or {}).get(branch, cfg.train.steps)
+    if steps == cfg.train.steps:
+        return cfg
+    if steps < 1:
+        raise ValueError(f"gate/decision.json: train_steps.{branch} = {steps}: the gate's compute-limited "
+                         f"budget leaves the {branch} branch no steps")
+    warmup = min(steps - 1, round(cfg.train.warmup_steps * steps / cfg.train.steps))
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps, warmup_steps=warmup))
 
 
 def check_same_vocabulary(manifest: dict) -> dict:

@@ -34,6 +34,8 @@ CALIBRATED = dataclasses.replace(PAPER, name="calibrated", support={
 
 
 def _decide(**kw) -> Decision:
+    if kw.get("compute") is not None:
+        kw.setdefault("question", "compute-limited")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", OutOfSupportWarning)
         return decide(GateQuery(**kw), PAPER)
@@ -116,7 +118,8 @@ def test_capacity_gap_u_shape_in_teacher_loss():
 @pytest.mark.parametrize("n_s", [3e8, 1e9, 3e9])
 @pytest.mark.parametrize("compute", [1e20, 1e21, 1e22, 1e23])
 def test_training_the_teacher_too_supervised_wins(n_s, compute):
-    d = _decide(student_params=n_s, compute=compute, scenario="teacher-pretraining+inference", **BIG_TEACHER)
+    # No teacher in the query: the gate trains a compute-optimal one inside the budget.
+    d = _decide(student_params=n_s, compute=compute, scenario="teacher-pretraining+inference")
     assert d.decision == "supervised", d.reason
     assert d.distill.compute == pytest.approx(compute, rel=1e-9)
     assert d.distill.teacher_loss_source == "compute-optimal teacher"
@@ -125,10 +128,10 @@ def test_training_the_teacher_too_supervised_wins(n_s, compute):
 
 def test_optimal_teacher_beats_the_given_one_at_equal_compute():
     c = 1e22
-    opt = _decide(student_params=1e9, compute=c, scenario="teacher-pretraining+inference", **BIG_TEACHER)
+    opt = _decide(student_params=1e9, compute=c, scenario="teacher-pretraining+inference")
     n_t, d_t = BIG_TEACHER["teacher_params"], 1e11
     f = flops_per_token
-    d_s = (c - 3 * f(n_t, 2048, 32768) * d_t) / (3 * f(1e9, 2048, 32768) + f(n_t, 2048, 32768))
+    d_s = (c - 3 * f(n_t, 4096, 32768) * d_t) / (3 * f(1e9, 4096, 32768) + f(n_t, 4096, 32768))
     assert distillation_compute(1e9, d_s, n_t, d_t, "teacher-pretraining+inference") == pytest.approx(c)
     assert opt.distill.loss <= float(distillation_loss(1e9, d_s, _teacher_loss(n_t, d_t), PAPER))
 
@@ -141,21 +144,77 @@ def test_token_budget_trains_both_branches_on_the_same_tokens(scenario):
     d = _decide(student_params=1e9, student_tokens=2e10, scenario=scenario, **BIG_TEACHER)
     assert d.supervised.tokens == d.distill.tokens == 2e10
     assert d.distill.compute == pytest.approx(
-        distillation_compute(1e9, 2e10, 7.75e9, 5.12e11, scenario, 2048, 32768), rel=1e-12)
-    assert d.supervised.compute == pytest.approx(3 * flops_per_token(1e9, 2048, 32768) * 2e10, rel=1e-12)
+        distillation_compute(1e9, 2e10, 7.75e9, 5.12e11, scenario, 4096, 32768), rel=1e-12)
+    assert d.supervised.compute == pytest.approx(3 * flops_per_token(1e9, 4096, 32768) * 2e10, rel=1e-12)
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_compute_budget_is_spent_exactly(scenario):
     c = 3e21
-    d = _decide(student_params=1e9, compute=c, scenario=scenario, **BIG_TEACHER)
-    assert d.supervised.tokens == pytest.approx(c / (3 * flops_per_token(1e9, 2048, 32768)), rel=1e-12)
+    teacher = {} if "pretraining" in scenario else BIG_TEACHER  # the gate picks a teacher it trains
+    d = _decide(student_params=1e9, compute=c, scenario=scenario, **teacher)
+    assert d.supervised.tokens == pytest.approx(c / (3 * flops_per_token(1e9, 4096, 32768)), rel=1e-12)
     assert d.supervised.compute == pytest.approx(c, rel=1e-12)
     assert d.distill.compute == pytest.approx(c, rel=1e-9)
     if scenario == "best-case":
         assert d.distill.tokens == pytest.approx(d.supervised.tokens)
     else:
         assert d.distill.tokens < d.supervised.tokens
+
+
+ISSUE_TEACHER = {"teacher_params": 7e9, "teacher_tokens": 2e12}
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_data_limited_question_charges_no_teacher_cost_so_the_scenario_only_reports(scenario):
+    d = _decide(student_params=5e8, student_tokens=1e10, scenario=scenario, **ISSUE_TEACHER)
+    assert d.decision == "distill" and d.question == "data-limited"
+    out = d.to_dict()
+    assert out["question"] == "data-limited" and out["teacher_costs_charged"] is False
+    assert out["budget_flops"] is None and out["scenario"] == scenario
+    assert d.distill.tokens == d.supervised.tokens == 1e10
+    assert "data-limited" in d.reason and "not charged" in d.reason
+
+
+def test_compute_limited_teacher_pretraining_charged_says_supervised():
+    # The issue's case: distillation with the teacher's pretraining costs 8.9e22 FLOPs, the
+    # student's whole budget 3.6e19 (supervised on 1e10 tokens at n_ctx 2048).
+    kw = {"student_params": 5e8, "student_tokens": 1e10, "n_ctx": 2048, **ISSUE_TEACHER}
+    d = _decide(question="compute-limited", scenario="teacher-pretraining", **kw)
+    assert d.decision == "supervised", d.reason
+    assert not d.distill.feasible and d.distill.tokens == 0
+    assert d.distill.teacher_compute == pytest.approx(8.9e22, rel=0.02)
+    assert d.query.budget_flops() == pytest.approx(3.6e19, rel=0.02)
+    assert d.supervised.tokens == pytest.approx(1e10)
+    out = d.to_dict()
+    assert out["question"] == "compute-limited" and out["teacher_costs_charged"] is True
+    assert out["distill_feasible"] is False and out["distill"]["loss"] is None
+    assert "leave distillation no student tokens" in d.reason
+    json.dumps(out)
+    # teacher inference only: the student gets fewer tokens than supervised, and the decision can differ
+    inf = _decide(question="compute-limited", scenario="teacher-inference", **kw)
+    f_s, f_t = flops_per_token(5e8, 2048, 32768), flops_per_token(7e9, 2048, 32768)
+    assert inf.distill.tokens == pytest.approx(3 * f_s * 1e10 / (3 * f_s + f_t), rel=1e-9)
+    assert inf.distill.compute == pytest.approx(inf.query.budget_flops(), rel=1e-9)
+    best = _decide(question="compute-limited", scenario="best-case", **kw)
+    assert best.distill.tokens == pytest.approx(1e10) and best.decision == "distill"
+
+
+def test_compute_limited_fixed_teacher_within_the_budget_is_charged_exactly():
+    c = 1e23
+    d = _decide(student_params=1e9, compute=c, scenario="teacher-pretraining+inference", **BIG_TEACHER)
+    assert d.distill.teacher_loss_source == "supervised law" and d.distill.feasible
+    assert d.distill.compute == pytest.approx(c, rel=1e-9)
+    assert d.distill.teacher_params == BIG_TEACHER["teacher_params"]
+
+
+def test_question_errors_name_the_input():
+    with pytest.raises(ValueError, match="^question: unknown 'both'; allowed: data-limited"):
+        GateQuery(student_params=1e9, student_tokens=1e10, question="both", **BIG_TEACHER).validate()
+    with pytest.raises(ValueError, match="^compute: a FLOP budget asks the compute-limited question"):
+        GateQuery(student_params=1e9, compute=1e21, **BIG_TEACHER).validate()
+    # data-limited: the teacher's size is not needed (nothing is charged)
+    GateQuery(student_params=1e6, student_tokens=1e8, teacher_loss=2.6).validate()
 
 
 def test_calibrated_set_accepts_a_measured_teacher_loss():
@@ -180,7 +239,7 @@ def test_calibrated_set_accepts_a_measured_teacher_loss():
     ({"student_params": 1e9, "student_tokens": 1e10, "teacher_params": None}, "^teacher_params/teacher_tokens/"),
     ({"student_params": 1e9, "student_tokens": 1e10, "teacher_params": 0}, "^teacher_params"),
     ({"student_params": 1e9, "student_tokens": 1e10, "teacher_tokens": None}, "teacher_params/teacher_tokens"),
-    ({"student_params": 1e9, "compute": 1e12}, "^compute: .*one training step"),
+    ({"student_params": 1e9, "compute": 1e12, "question": "compute-limited"}, "^compute: .*one training step"),
     ({"student_params": 1e9, "student_tokens": 1e10, "n_ctx": 0}, "^n_ctx"),
 ])
 def test_bad_queries_name_the_argument(kwargs, match):
@@ -193,7 +252,7 @@ def test_bad_queries_name_the_argument(kwargs, match):
 
 def test_teacher_inference_needs_the_teacher_size():
     with pytest.raises(ValueError, match="^teacher_params: scenario 'teacher-inference'"):
-        GateQuery(student_params=1e6, student_tokens=1e8, teacher_loss=2.6).validate()
+        GateQuery(student_params=1e6, student_tokens=1e8, teacher_loss=2.6, question="compute-limited").validate()
     GateQuery(student_params=1e6, student_tokens=1e8, teacher_loss=2.6, scenario="best-case").validate()
 
 
