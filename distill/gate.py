@@ -475,6 +475,10 @@ def decide(query: GateQuery, coefs: CoefficientSet) -> Decision:
         "teacher_tokens": [dist.teacher_tokens],
         "teacher_loss": [dist.teacher_loss],
     })
+    if "student_tokens" not in coefs.support:
+        msgs.append(f"coefficient set {coefs.name!r} records no student-token support: whether "
+                    f"{', '.join(f'{t:.3g}' for t in sorted(set(tokens)))} student tokens lie where it was "
+                    "fitted is unknown")
     for msg in msgs:
         warnings.warn(msg, OutOfSupportWarning, stacklevel=2)
     notes = list(msgs)

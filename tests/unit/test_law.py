@@ -260,3 +260,29 @@ def test_relative_error_is_signed():
 def test_frozen_coefficients():
     with pytest.raises(dataclasses.FrozenInstanceError):
         PAPER.supervised.E = 2.0
+
+
+# ---------------------------------------------------------------- coefficient checks
+
+
+@pytest.mark.parametrize("which, key, value", [
+    ("supervised", "E", -5.0), ("supervised", "alpha", -0.4), ("supervised", "A", 0.0),
+    ("distillation", "c1", -1.0), ("distillation", "f1", 0.0), ("distillation", "d1", -1.0),
+    ("distillation", "gamma", -0.1),
+])
+def test_coefficients_with_a_wrong_sign_are_refused_naming_source_and_key(which, key, value):
+    import dataclasses
+
+    from distill.law import check_coefficients
+
+    bad = dataclasses.replace(PAPER, **{which: dataclasses.replace(getattr(PAPER, which), **{key: value})})
+    with pytest.raises(ValueError, match=rf"^here: key '{which}\.{key}' must be"):
+        check_coefficients(bad, "here")
+    raw = law.coefficients_to_dict(bad)
+    with pytest.raises(ValueError, match=rf"^f\.json: key '{which}\.{key}'"):
+        law.coefficients_from_dict(raw, "f.json")
+
+
+def test_paper_set_carries_the_published_token_support():
+    assert PAPER.support["student_tokens"] == (1e9, 5.12e11)
+    assert PAPER.support["teacher_tokens"] == (1e9, 5.12e11)
