@@ -33,7 +33,8 @@ __all__ = [
     "SCENARIOS", "QUESTIONS", "TOKEN_RANGE", "OutOfSupportWarning", "UnreliableDecisionWarning",
     "TeacherAssumptionWarning", "GateQuery",
     "SupervisedBranch", "DistillBranch",
-    "Decision", "decide", "teacher_loss_for", "crossover_tokens", "format_table", "plot_decision_map",
+    "Decision", "DecisionMap", "decide", "teacher_loss_for", "crossover_tokens", "format_table",
+    "decision_map", "plot_decision_map",
 ]
 
 TOKEN_RANGE = (1e6, 1e17)  # bounds the paper put on every variable of compute-optimal distillation
@@ -482,6 +483,9 @@ def decide(query: GateQuery, coefs: CoefficientSet) -> Decision:
     for msg in msgs:
         warnings.warn(msg, OutOfSupportWarning, stacklevel=2)
     notes = list(msgs)
+    if nonsense := _loss_range_note(query, sup, dist):
+        warnings.warn(nonsense, OutOfSupportWarning, stacklevel=2)
+        notes.append(nonsense)
     if teacher_note := _teacher_size_note(query.student_params, query.teacher_params):
         warnings.warn(teacher_note, TeacherAssumptionWarning, stacklevel=2)
         notes.append(teacher_note)
@@ -492,6 +496,18 @@ def decide(query: GateQuery, coefs: CoefficientSet) -> Decision:
     choice = "distill" if dist.loss < sup.loss else "supervised"
     return Decision(choice, _reason(choice, query, coefs, sup, dist, note), query.scenario, coefs.name,
                     not msgs, tuple(notes), cross, note, sup, dist, query)
+
+
+def _loss_range_note(query: GateQuery, sup: SupervisedBranch, dist: DistillBranch) -> str:
+    """A warning when a predicted loss lies outside (0, ln V] ('' otherwise): above ln V a
+    model would do worse than guessing uniformly, so the laws do not describe the query."""
+    ceiling = math.log(query.n_vocab)
+    bad = [f"{name} {loss:.4g}" for name, loss in (("supervised", sup.loss), ("distilled", dist.loss))
+           if math.isfinite(loss) and not 0 < loss <= ceiling]
+    if not bad:
+        return ""
+    return (f"predicted loss {', '.join(bad)} lies outside (0, ln V = {ceiling:.3g}] (n_vocab={query.n_vocab}): "
+            "the coefficients do not describe this query; the decision is not meaningful")
 
 
 def _teacher_size_note(student_params: float, teacher_params: float | None) -> str:
@@ -577,73 +593,187 @@ def format_table(decision: Decision) -> str:
     return "\n".join(lines)
 
 
-def _map_ranges(query: GateQuery, coefs: CoefficientSet, tokens: float,
-                cross: float | None) -> tuple[tuple[float, float], tuple[float, float]]:
-    """log10 ranges of the map: the query +-2 decades in N and +-3 in D, widened to show the
-    support and the crossover."""
-    n_lo, n_hi = query.student_params / 100, query.student_params * 100
-    if "student_params" in coefs.support:
-        n_lo, n_hi = min(n_lo, coefs.support["student_params"][0]), max(n_hi, coefs.support["student_params"][1])
-    d_lo, d_hi = tokens / 1e3, tokens * 1e3
-    if cross is not None:
-        d_lo, d_hi = min(d_lo, cross / 10), max(d_hi, cross * 10)
-    d_lo, d_hi = max(d_lo, TOKEN_RANGE[0]), min(d_hi, TOKEN_RANGE[1])
-    return (math.log10(n_lo), math.log10(n_hi)), (math.log10(d_lo), math.log10(d_hi))
+@dataclass(frozen=True)
+class DecisionMap:
+    """What the decision map draws, on a (log10 N_S, log10 D_S) grid at the decision's teacher
+    loss and equal student tokens: ``margin`` = L_supervised - L_distill in nats (NaN where a
+    law predicts a loss outside (0, ln V] or nothing finite: not drawn), ``trusted`` (inside
+    the coefficient set's support), the colour limit ``vmax`` (nats, from the trusted cells),
+    and the crossover line (``cross_log_n``, ``cross_log_d``; NaN where there is none)."""
+
+    log_n: np.ndarray
+    log_d: np.ndarray
+    margin: np.ndarray  # shape (len(log_d), len(log_n))
+    trusted: np.ndarray
+    vmax: float
+    cross_log_n: np.ndarray
+    cross_log_d: np.ndarray
+    refused_cells: int
+    loss_ceiling: float
+
+    def cell(self, n: float, d: float) -> tuple[int, int]:
+        """(row, column) of the grid cell holding (N_S, D_S)."""
+        return (int(np.argmin(np.abs(self.log_d - math.log10(d)))),
+                int(np.argmin(np.abs(self.log_n - math.log10(n)))))
+
+
+def _span(points: list[float], anchor: float, pad: float = 3.0, decades: float = 1.0) -> tuple[float, float]:
+    """log10 range covering ``points`` with a factor ``pad`` to spare and at least ``decades``
+    either side of ``anchor``."""
+    lo = min(min(points) / pad, anchor / 10**decades)
+    hi = max(max(points) * pad, anchor * 10**decades)
+    return math.log10(lo), math.log10(hi)
+
+
+def _map_ranges(query: GateQuery, coefs: CoefficientSet, decision: Decision
+                ) -> tuple[tuple[float, float], tuple[float, float]]:
+    """log10 ranges of the map: they always hold the query (both branches' tokens), the
+    coefficient set's support and the crossover where there is one."""
+    n_points = [query.student_params, *coefs.support.get("student_params", ())]
+    tokens = decision.supervised.tokens
+    d_points = [tokens, *coefs.support.get("student_tokens", ())]
+    if decision.distill.tokens > 0:
+        d_points.append(decision.distill.tokens)
+    if decision.crossover_tokens is not None:
+        d_points.append(decision.crossover_tokens)
+    return _span(n_points, query.student_params), _span(d_points, tokens)
+
+
+def _inside(values: np.ndarray, coefs: CoefficientSet, key: str) -> np.ndarray:
+    """Which values lie inside the set's support for ``key`` (all of them when it has none)."""
+    if key not in coefs.support:
+        return np.ones_like(values, dtype=bool)
+    lo, hi = coefs.support[key]
+    return (values >= lo * (1 - SUPPORT_RTOL)) & (values <= hi * (1 + SUPPORT_RTOL))
+
+
+def _nice_limit(value: float) -> float:
+    """``value`` rounded up to 1, 2 or 5 times a power of ten (readable colour-bar ends)."""
+    exponent = math.floor(math.log10(value))
+    for step in (1.0, 2.0, 5.0, 10.0):
+        if value <= step * 10**exponent * (1 + 1e-9):
+            return step * 10**exponent
+    return 10.0 ** (exponent + 1)  # pragma: no cover - the loop always returns
+
+
+def decision_map(query: GateQuery, coefs: CoefficientSet, decision: Decision | None = None,
+                 size: int = 200) -> DecisionMap:
+    """Compute the decision map of ``plot_decision_map`` (see ``DecisionMap``).
+
+    A law is drawn only where both predicted losses lie in (0, ln V]: a fitted set
+    extrapolated far from its points predicts nonsense (millions of nats) there, and those
+    cells are refused (counted in ``refused_cells``) rather than coloured."""
+    decision = decision or decide(query, coefs)
+    l_t = decision.distill.teacher_loss
+    (n0, n1), (d0, d1) = _map_ranges(query, coefs, decision)
+    log_n, log_d = np.linspace(n0, n1, size), np.linspace(d0, d1, size)
+    nn, dd = np.meshgrid(10**log_n, 10**log_d)
+    ceiling = math.log(query.n_vocab)
+    with np.errstate(all="ignore"):
+        sup = np.asarray(supervised_loss(nn, dd, coefs.supervised), dtype=float)
+        dist = np.asarray(distillation_loss(nn, dd, l_t, coefs), dtype=float)
+    valid = np.isfinite(sup) & np.isfinite(dist) & (sup > 0) & (dist > 0) & (sup <= ceiling) & (dist <= ceiling)
+    margin = np.where(valid, sup - dist, np.nan)
+    trusted = _inside(nn, coefs, "student_params") & _inside(dd, coefs, "student_tokens") & valid
+    shown = margin[trusted] if trusted.any() else margin[valid]
+    vmax = _nice_limit(max(float(np.max(np.abs(shown))) if shown.size else 0.0, 1e-2))
+    cross_n, cross_d = _crossover_line(log_n, (d0, d1), l_t, coefs, ceiling)
+    return DecisionMap(log_n, log_d, margin, trusted, vmax, cross_n, cross_d, int((~valid).sum()), ceiling)
+
+
+def _crossover_line(log_n: np.ndarray, d_range: tuple[float, float], teacher_loss: float,
+                    coefs: CoefficientSet, ceiling: float) -> tuple[np.ndarray, np.ndarray]:
+    """The crossover D_S(N_S) solved per column (brentq, as ``crossover_tokens``), so the line
+    is smooth; NaN where a column has none or the laws are not drawn there."""
+    lo, hi = 10 ** d_range[0], 10 ** d_range[1]
+    out = np.full(len(log_n), np.nan)
+    for i, n in enumerate(10**log_n):
+        with np.errstate(all="ignore"):
+            cross = crossover_tokens(float(n), teacher_loss, coefs, lo=lo, hi=hi)
+            if cross is None:
+                continue
+            loss = float(supervised_loss(n, cross, coefs.supervised))
+        if 0 < loss <= ceiling:
+            out[i] = math.log10(cross)
+    return log_n, out
 
 
 def plot_decision_map(query: GateQuery, coefs: CoefficientSet, path: str | Path,
                       decision: Decision | None = None) -> Path:
-    """Write a PNG heat map of L_supervised - L_distill over (log N_S, log D_S) at the
-    decision's teacher loss (equal student tokens in both branches; > 0 means distil), with
-    the zero contour (the crossover), the support bounds and the query as a star. Returns the path."""
+    """Write a PNG heat map of L_supervised - L_distill in nats over (log N_S, log D_S) at the
+    decision's teacher loss and equal student tokens (> 0: distillation wins): coloured where
+    the laws are defined, hatched outside the coefficients' support, grey where they predict
+    a loss outside (0, ln V]; the crossover line, the support box and the query as a star."""
     # The Agg canvas is used directly so that no global pyplot backend state is touched.
+    from matplotlib import rc_context
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.colors import SymLogNorm
+    from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
 
     decision = decision or decide(query, coefs)
-    l_t, tokens = decision.distill.teacher_loss, decision.supervised.tokens
-    (n0, n1), (d0, d1) = _map_ranges(query, coefs, tokens, decision.crossover_tokens)
-    log_n, log_d = np.linspace(n0, n1, 120), np.linspace(d0, d1, 120)
-    nn, dd = np.meshgrid(10**log_n, 10**log_d)
-    margin = np.asarray(supervised_loss(nn, dd, coefs.supervised)) - np.asarray(
-        distillation_loss(nn, dd, l_t, coefs))
-    vmax = max(float(np.nanmax(np.abs(margin))), 2e-2)
-
-    fig = Figure(figsize=(7.5, 5.5))
+    m = decision_map(query, coefs, decision)
+    fig = Figure(figsize=(8, 7), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    # Symmetric log scale: the margins near the crossover (~0.01 nats) stay visible next to
-    # the large ones of starved students.
-    norm = SymLogNorm(linthresh=1e-2, vmin=-vmax, vmax=vmax)
-    mesh = ax.pcolormesh(log_n, log_d, margin, cmap="RdBu", norm=norm, shading="auto")
-    fig.colorbar(mesh, ax=ax, label="L_supervised - L_distill (nats; > 0: distil wins)")
-    if np.nanmin(margin) < 0 < np.nanmax(margin):
-        ax.contour(log_n, log_d, margin, levels=[0.0], colors="k", linewidths=1.5)
-    _draw_support(ax, coefs)
-    ax.plot([math.log10(query.student_params)], [math.log10(tokens)], marker="*", markersize=16,
-            color="gold", markeredgecolor="k", linestyle="none", label=f"query ({decision.decision})")
-    if not math.isclose(decision.distill.tokens, tokens, rel_tol=1e-6):
-        ax.plot([math.log10(query.student_params)], [math.log10(decision.distill.tokens)], marker="*",
-                markersize=12, color="none", markeredgecolor="k", linestyle="none",
-                label="distil tokens at that compute")
+    cmap = _map_colours()
+    mesh = ax.pcolormesh(m.log_n, m.log_d, np.ma.masked_invalid(m.margin), cmap=cmap,
+                         norm=Normalize(-m.vmax, m.vmax), shading="auto")
+    ax.set_facecolor("0.8")  # refused cells (NaN) show the grey background
+    fig.colorbar(mesh, ax=ax, extend="both", label="L_supervised − L_distill (nats; > 0: distillation wins)")
+    handles = []
+    outside = np.isfinite(m.margin) & ~m.trusted
+    if outside.any():
+        with rc_context({"hatch.color": "0.45", "hatch.linewidth": 0.6}):
+            ax.contourf(m.log_n, m.log_d, outside.astype(float), levels=[0.5, 1.5], colors=[(1, 1, 1, 0.55)],
+                        hatches=["//"])
+        handles.append(Patch(facecolor=(1, 1, 1, 0.55), edgecolor="0.4", hatch="//",
+                             label=f"outside the support of {coefs.name!r} (extrapolated)"))
+    if m.refused_cells:
+        handles.append(Patch(facecolor="0.8", label=f"not drawn: a law predicts a loss outside (0, ln V = "
+                                                   f"{m.loss_ceiling:.2f}]"))
+    if np.isfinite(m.cross_log_d).any():
+        handles += ax.plot(m.cross_log_n, m.cross_log_d, color="k", linewidth=1.6,
+                           label="crossover (equal tokens): supervised wins above")
+    handles += _draw_support(ax, coefs)
+    tokens = decision.supervised.tokens
+    handles += ax.plot([math.log10(query.student_params)], [math.log10(tokens)], marker="*", markersize=16,
+                       color="gold", markeredgecolor="k", linestyle="none", label=f"query ({decision.decision})")
+    if decision.distill.tokens > 0 and not math.isclose(decision.distill.tokens, tokens, rel_tol=1e-6):
+        handles += ax.plot([math.log10(query.student_params)], [math.log10(decision.distill.tokens)], marker="*",
+                           markersize=12, color="none", markeredgecolor="k", linestyle="none",
+                           label="distillation's tokens after the teacher's costs")
+    ax.set_xlim(m.log_n[0], m.log_n[-1])
+    ax.set_ylim(m.log_d[0], m.log_d[-1])
     ax.set_xlabel("log10 student parameters N_S")
     ax.set_ylabel("log10 student tokens D_S")
-    ax.set_title(f"distil vs supervised: scenario {decision.scenario}, coefficients {coefs.name!r}\n"
-                 f"teacher L_T = {l_t:.4g}; black line: crossover (equal tokens)", fontsize=10)
-    ax.legend(loc="best", fontsize=8)
+    charged = ("compute-limited: the teacher's costs charged at the query"
+               if query.charges_teacher else "data-limited: equal tokens, teacher cost not charged")
+    ax.set_title(f"distil or supervised? {decision.decision} ({charged})\nscenario {decision.scenario}, "
+                 f"coefficients {coefs.name!r}, teacher L_T = {decision.distill.teacher_loss:.4g}\n"
+                 "colours compare both branches at equal student tokens", fontsize=9)
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, fontsize=8,
+              frameon=False)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", dpi=100)
     return path
 
 
-def _draw_support(ax: Any, coefs: CoefficientSet) -> None:
-    """Dashed lines at the coefficient set's student-size and student-token support bounds."""
-    label = f"support of {coefs.name!r}"
-    for x in coefs.support.get("student_params", ()):
-        ax.axvline(math.log10(x), color="0.3", linestyle="--", linewidth=0.8, label=label)
-        label = None
-    for y in coefs.support.get("student_tokens", ()):
-        ax.axhline(math.log10(y), color="0.3", linestyle="--", linewidth=0.8, label=label)
-        label = None
+def _map_colours():
+    """Red (supervised wins) to blue (distillation wins); NaN cells transparent (grey background)."""
+    from matplotlib import colormaps
+
+    return colormaps["RdBu"].with_extremes(bad=(0, 0, 0, 0))
+
+
+def _draw_support(ax: Any, coefs: CoefficientSet) -> list:
+    """A dashed box at the set's student-size and student-token support; its legend handle."""
+    n = coefs.support.get("student_params")
+    d = coefs.support.get("student_tokens")
+    if n is None and d is None:
+        return []
+    x0, x1 = (math.log10(v) for v in n) if n else ax.get_xlim()
+    y0, y1 = (math.log10(v) for v in d) if d else ax.get_ylim()
+    return ax.plot([x0, x1, x1, x0, x0], [y0, y0, y1, y1, y0], color="0.2", linestyle="--", linewidth=1.0,
+                   label=f"support of {coefs.name!r}")

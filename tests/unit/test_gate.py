@@ -367,3 +367,64 @@ def test_decision_map_writes_png(tmp_path):
     path = plot_decision_map(q, PAPER, tmp_path / "sub" / "map.png")
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def _embedded_default_coefficients():
+    """A calibrated set like the embedded default's: fitted to noisy runs of 2x32-2x64 students
+    (2.5e4-1e5 parameters) on 1.5e5-6.1e5 tokens with two teachers, losses ~4-5 nats on a
+    2048-token vocabulary. Fits on such a narrow range extrapolate wildly outside it."""
+    from distill.law import (CoefficientSet, DistillationCoefficients, SupervisedCoefficients,
+                             coefficient_set_from_fits, fit_distillation, fit_supervised)
+
+    sup = SupervisedCoefficients(E=2.6, A=40.0, B=300.0, alpha=0.35, beta=0.4, gamma=0.9)
+    truth = CoefficientSet("truth", sup, DistillationCoefficients(
+        c0=0.5, c1=2.0, d1=1.1, f1=0.5, A=30.0, B=400.0, alpha=0.35, beta=0.45, gamma=0.8))
+    rng = np.random.default_rng(0)
+    n, d = np.meshgrid([2.46e4, 5.5e4, 9.8e4], np.geomspace(1.52e5, 6.1e5, 4))
+    n, d = n.ravel(), d.ravel()
+    noisy = lambda x: x * (1 + 0.004 * rng.standard_normal(x.shape))  # noqa: E731 - seed noise
+    l_sup = noisy(np.asarray(supervised_loss(n, d, sup)))
+    n2, d2, l_t = np.tile(n, 2), np.tile(d, 2), np.repeat([3.9, 4.2], n.size)
+    l_dist = noisy(np.asarray(distillation_loss(n2, d2, l_t, truth)))
+    fs = fit_supervised(n, d, l_sup, n_starts=8)
+    fd = fit_distillation(n2, d2, l_t, l_dist, fs.coefficients, n_starts=8)
+    return coefficient_set_from_fits("calibrated", fs, fd)
+
+
+def test_decision_map_of_the_embedded_default_shows_the_query(tmp_path):
+    from distill.gate import decision_map
+
+    coefs = _embedded_default_coefficients()
+    assert coefs.support["student_tokens"] == pytest.approx((1.52e5, 6.1e5))
+    query = GateQuery(student_params=9.8e4, student_tokens=6.1e5, teacher_params=7.9e5, teacher_loss=3.9,
+                      n_ctx=128, n_vocab=2048)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        decision = decide(query, coefs)
+    m = decision_map(query, coefs, decision)
+    # the axes hold the query and the whole support
+    for key, axis, value in (("student_params", m.log_n, 9.8e4), ("student_tokens", m.log_d, 6.1e5)):
+        lo, hi = coefs.support[key]
+        assert axis[0] < math.log10(lo) and math.log10(hi) < axis[-1]
+        assert axis[0] < math.log10(value) < axis[-1]
+    row, col = m.cell(9.8e4, 6.1e5)
+    assert np.isfinite(m.margin[row, col]) and m.trusted[row, col]  # the query is coloured, inside support
+    assert math.isfinite(m.vmax) and 0.01 <= m.vmax <= 5.0  # a few nats, not the extrapolated 1e7
+    drawn = m.margin[np.isfinite(m.margin)]
+    assert drawn.size and np.all(np.abs(drawn) <= math.log(2048))  # nothing beyond ln V is drawn
+    path = plot_decision_map(query, coefs, tmp_path / "map.png", decision=decision)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_decision_map_spans_the_crossover_and_draws_it_smoothly():
+    from distill.gate import decision_map
+
+    q = GateQuery(student_params=1e9, student_tokens=1e10, **BIG_TEACHER)
+    d = _decide(**dataclasses.asdict(q))
+    m = decision_map(q, PAPER, d)
+    assert m.log_d[0] < math.log10(d.crossover_tokens) < m.log_d[-1]
+    line = m.cross_log_d[np.isfinite(m.cross_log_d)]
+    assert line.size > 50
+    assert np.max(np.abs(np.diff(line))) < 0.1  # smooth: no steps between neighbouring columns
+    row, col = m.cell(1e9, 1e10)
+    assert np.isfinite(m.margin[row, col]) and m.trusted[row, col]
