@@ -206,6 +206,18 @@ def _flag_names(message: str) -> str:
     return re.sub(pattern, lambda m: "--" + m.group(1).replace("_", "-"), message)
 
 
+@app.command(name="gate-check")
+def gate_check(params: Path = typer.Option(Path("params.yaml"), help="parameters file")) -> None:
+    """Score the gate's call: train the branch it did not take (same data, budget and train
+    code), compare both students' validation losses, record the verdict in MLflow and
+    reports/gate_check/ (run in the project folder after the pipeline)."""
+    quiet_telemetry()
+    from tasks.common import stage_main
+    from tasks.gate_check import run as run_check
+
+    stage_main("gate-check", run_check, ["--params", str(params)])
+
+
 def _registry_target(root: Path, params: Path | None) -> tuple[str, object]:
     """(tracking URI, config) of the project at ``root`` (its params.yaml unless ``params``)."""
     from distill.config import load_config

@@ -15,6 +15,7 @@ import math
 import os
 import tempfile
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from distill import registry
 
@@ -37,6 +38,7 @@ class RunFacts:
     comparison: dict | None = None
     champion_now: str | None = None
     evaluate_reused: bool = False    # the flow skipped evaluate (unchanged): an earlier run's
+    gate_calls: list[dict] = field(default_factory=list)  # finished gate-check runs, newest first
 
 
 def find_latest_run(client, experiment_id: str):
@@ -89,11 +91,37 @@ def gather(client, experiment_name: str, registered_model: str) -> RunFacts:
         facts.metrics = read_artifact_json(client, facts.evaluate_run_id, "metrics.json")
         facts.decision = read_artifact_json(client, facts.evaluate_run_id, "decision.json")
         facts.comparison = read_artifact_json(client, facts.evaluate_run_id, "registry/comparison.json")
+    facts.gate_calls = gate_calls(client, experiment.experiment_id)
     champion = None
     if client.search_registered_models(f"name='{registered_model}'"):
         champion = registry.current_version(client, registered_model, registry.CHAMPION)
     facts.champion_now = None if champion is None else str(champion.version)
     return facts
+
+
+GATE_CALLS_SHOWN = 20
+
+
+def gate_calls(client, experiment_id: str, limit: int = GATE_CALLS_SHOWN) -> list[dict]:
+    """The finished ``distill gate-check`` runs, newest first: when, the gate's call, whether
+    it was right, both measured losses, the predicted and measured margins, the regret."""
+    runs = client.search_runs([experiment_id], max_results=limit, order_by=["attributes.start_time DESC"],
+                              filter_string="tags.`distill.stage` = 'gate-check' and "
+                                            "attributes.status = 'FINISHED'")
+    calls = []
+    for r in runs:
+        m, p = r.data.metrics, r.data.params
+        if "gate_check_right" not in m:
+            continue
+        calls.append({"run_id": r.info.run_id, "start_time": r.info.start_time,
+                      "call": p.get("gate_check.call"), "question": p.get("gate_check.question"),
+                      "scenario": p.get("gate_check.scenario"), "coefficients": p.get("gate_check.coefficients"),
+                      "right": m["gate_check_right"] >= 0.5, "regret": m.get("gate_check_regret"),
+                      "supervised": m.get("gate_check_supervised_loss"),
+                      "distill": m.get("gate_check_distill_loss"),
+                      "measured_margin": m.get("gate_check_measured_margin"),
+                      "predicted_margin": m.get("gate_check_predicted_margin")})
+    return calls
 
 
 def latest_finished_evaluate(client, experiment_id: str) -> str | None:
@@ -127,6 +155,7 @@ def render_markdown(f: RunFacts, registered_model: str) -> str:
             lines += [f"The evaluate stage was unchanged in this run (DVC skipped it): the results "
                       f"below are those of evaluate run `{f.evaluate_run_id}`.", ""]
         lines += _result_lines(f, registered_model)
+    lines += _gate_call_lines(f.gate_calls)
     lines += _where_lines(f)
     return "\n".join(lines) + "\n"
 
@@ -170,6 +199,29 @@ def _result_lines(f: RunFacts, registered_model: str) -> list[str]:
         lines += [f"{registered_model} version {c['version']} → **{c['alias']}**: {c['reason']}.", "",
                   f"Champion before this run: {before}; champion now: {_version(f.champion_now)}."]
     return lines + [""]
+
+
+def _gate_call_lines(calls: list[dict]) -> list[str]:
+    """The running record of the gate's calls scored by ``distill gate-check``."""
+    lines = ["## The gate's calls, checked", ""]
+    if not calls:
+        return lines + ["None checked yet: `distill gate-check` trains the branch the gate did not take "
+                        "on the same data and budget and records whether the call was right.", ""]
+    right = sum(c["right"] for c in calls)
+    lines += [f"{right} of {len(calls)} checked calls right (newest first; margins are L_supervised − "
+              "L_distill in nats, > 0: distillation better; regret: the loss the call gave up).", "",
+              "| when (UTC) | call | question | right | supervised | distill | margin measured | "
+              "margin predicted | regret |", "|---|---|---|---|---|---|---|---|---|"]
+    for c in calls:
+        when = datetime.fromtimestamp(c["start_time"] / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M")
+        lines.append(f"| {when} | {c['call']} | {c['question'] or '—'} | {'yes' if c['right'] else '**no**'} | "
+                     f"{_num(c['supervised'])} | {_num(c['distill'])} | {_num(c['measured_margin'], '+.4f')} | "
+                     f"{_num(c['predicted_margin'], '+.4f')} | {_num(c['regret'])} |")
+    return lines + [""]
+
+
+def _num(value: float | None, spec: str = ".4f") -> str:
+    return "—" if value is None else format(value, spec)
 
 
 def _where_lines(f: RunFacts) -> list[str]:

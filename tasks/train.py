@@ -25,18 +25,19 @@ from tasks.common import (DECISION, LABELS, PREPARED, RUNS, STUDENT_DIR, TEACHER
 
 
 def run(cfg: Config, out: Path = STUDENT_DIR, decision_path: Path = DECISION,
-        report_path: Path = TRAIN_REPORT, branch: str | None = None) -> dict:
+        report_path: Path = TRAIN_REPORT, branch: str | None = None, labels: Path = LABELS) -> dict:
     """Train the student and write its model and training report; returns the report.
 
     ``branch`` (default: the gate's decision) trains the other branch too, for
-    ``distill gate-check``, into ``out`` with its report at ``report_path``."""
+    ``distill gate-check``, into ``out`` with its report at ``report_path`` (and its labels
+    from ``labels``)."""
     decision = read_json(decision_path)
     manifest = read_json(PREPARED / "manifest.json")
     mode = branch or decision["decision"]
     cfg = with_branch_steps(cfg, decision, mode)
     extra: dict = {}
     if mode == "distill" and cfg.distill.source == "offline":
-        data_paths, extra["label_meta"] = offline_inputs(cfg, manifest)
+        data_paths, extra["label_meta"] = offline_inputs(cfg, manifest, labels)
     else:
         data_paths = shard_paths(PREPARED / "train")
     if mode == "distill" and cfg.distill.source == "online":
@@ -97,16 +98,16 @@ def check_same_vocabulary(manifest: dict) -> dict:
     return teacher
 
 
-def offline_inputs(cfg: Config, manifest: dict) -> tuple[list[Path], dict]:
+def offline_inputs(cfg: Config, manifest: dict, folder: Path = LABELS) -> tuple[list[Path], dict]:
     """Label shards checked against this run's settings, and the label metadata workers need."""
-    labels = read_json(LABELS / "manifest.json")
+    labels = read_json(folder / "manifest.json")
     if labels.get("status") != "complete":
-        raise ValueError(f"{LABELS / 'manifest.json'}: labels are {labels.get('status')!r}, but the "
+        raise ValueError(f"{folder / 'manifest.json'}: labels are {labels.get('status')!r}, but the "
                          f"decision is distill (offline); re-run the label stage")
     teacher = check_same_vocabulary(manifest)
     expected = settings_for_run(cfg.distill.top_k, cfg.distill.temperature, teacher, manifest,
                                 cfg.label, cfg.seed)
-    paths = [LABELS / s["label_file"] for s in labels["shards"]]
+    paths = [folder / s["label_file"] for s in labels["shards"]]
     check_label_settings(paths, expected)
     # hard labels carry no top-k: the loss is then cross-entropy on the teacher's generations
     return paths, {"k": expected.k or None, "mode": expected.mode}
