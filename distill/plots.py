@@ -74,9 +74,13 @@ def plot_gate_outcome(decision: dict, actual_student_loss: float, actual_teacher
     ax = axes[-1]
     chosen = decision["decision"]
     branches = ["supervised", "distill"]
-    predicted = [decision[b]["loss"] for b in branches]
+    # A branch the compute-limited budget cannot pay for has no predicted loss (None).
+    predicted = [float("nan") if decision[b]["loss"] is None else decision[b]["loss"] for b in branches]
     colors = ["C2" if b == chosen else "0.7" for b in branches]
     ax.bar(branches, predicted, color=colors, alpha=0.8, label="predicted (gate)")
+    for i, value in enumerate(predicted):
+        if value != value:  # NaN
+            ax.annotate("not feasible in the budget", (i, actual_student_loss), ha="center", fontsize=8)
     ax.plot([branches.index(chosen)], [actual_student_loss], marker="*", markersize=18,
             color="gold", markeredgecolor="k", linestyle="none",
             label=f"actual student ({chosen}): {actual_student_loss:.3f}")

@@ -166,10 +166,11 @@ def _result_lines(f: RunFacts, registered_model: str) -> list[str]:
     student, teacher = m["student"]["val_loss"], m["teacher"]["val_loss"]
     predicted = d[chosen]["loss"]
     lines = ["## Decision", "", f"**{chosen}** — {d['reason']}", "",
-             f"Coefficients: {d['coefficients']} (query inside their support: {d['in_support']}).", "",
+             f"Coefficients: {d['coefficients']} (query inside their support: {d['in_support']})"
+             + (f"; question {d['question']}, scenario {d['scenario']}." if "question" in d else "."), "",
              "## Losses (validation, nats/token)", "",
              "| | supervised | distill |", "|---|---|---|",
-             f"| predicted by the gate | {d['supervised']['loss']:.4f} | {d['distill']['loss']:.4f} |",
+             f"| predicted by the gate | {_num(d['supervised']['loss'])} | {_num(d['distill']['loss'])} |",
              f"| actual student ({chosen}) | {_if(chosen, 'supervised', student)} | "
              f"{_if(chosen, 'distill', student)} |", "",
              f"- student: {student:.4f} (perplexity {m['student']['perplexity']:.1f}); teacher: "
