@@ -729,6 +729,10 @@ def plot_decision_map(query: GateQuery, coefs: CoefficientSet, path: str | Path,
                         hatches=["//"])
         handles.append(Patch(facecolor=(1, 1, 1, 0.55), edgecolor="0.4", hatch="//",
                              label=f"outside the support of {coefs.name!r} (extrapolated)"))
+    if not np.isfinite(m.margin).any():
+        ax.text(0.5, 0.5, f"the laws predict no loss in (0, ln V = {m.loss_ceiling:.2f}] anywhere here:\n"
+                f"nothing to draw (teacher L_T = {decision.distill.teacher_loss:.3g})", transform=ax.transAxes,
+                ha="center", va="center", fontsize=10)
     if m.refused_cells:
         handles.append(Patch(facecolor="0.8", label=f"not drawn: a law predicts a loss outside (0, ln V = "
                                                    f"{m.loss_ceiling:.2f}]"))

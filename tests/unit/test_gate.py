@@ -428,3 +428,17 @@ def test_decision_map_spans_the_crossover_and_draws_it_smoothly():
     assert np.max(np.abs(np.diff(line))) < 0.1  # smooth: no steps between neighbouring columns
     row, col = m.cell(1e9, 1e10)
     assert np.isfinite(m.margin[row, col]) and m.trusted[row, col]
+
+
+def test_decision_map_refuses_cells_where_a_law_predicts_more_than_ln_v(tmp_path):
+    from distill.gate import decision_map
+
+    # The paper's law at the tiny test project's scale: the teacher's predicted loss (16.9)
+    # is above ln 320 = 5.77 everywhere, so nothing is coloured and the map says so.
+    q = GateQuery(student_params=4.14e3, student_tokens=4.96e3, teacher_params=2.68e4, teacher_tokens=7.44e3,
+                  n_ctx=32, n_vocab=320)
+    d = _decide(**dataclasses.asdict(q))
+    assert any("outside (0, ln V = 5.77]" in w for w in d.warnings)
+    m = decision_map(q, PAPER, d)
+    assert m.refused_cells == m.margin.size and not np.isfinite(m.margin).any()
+    assert plot_decision_map(q, PAPER, tmp_path / "map.png", decision=d).stat().st_size > 5000
