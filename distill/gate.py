@@ -1,9 +1,11 @@
 """The gate: distil or train supervised? Decided from the distillation scaling laws.
 
-Given a student size, a token or compute budget, a teacher and a scenario (which of
-the teacher's costs count), predict the student's loss both ways with a
-``CoefficientSet`` and pick the lower. Every decision says which coefficients it used
-and whether the query lies inside the data they were fitted on.
+Given a question (data-limited: the student's tokens are fixed; compute-limited: its FLOPs
+are, and the scenario's teacher costs are charged, Eq. 9), a student size and budget, a
+teacher and a scenario, predict the student's loss both ways with a ``CoefficientSet`` and
+pick the lower. Every decision names its question and scenario, says which coefficients
+it used and whether the query lies inside the data they were fitted on; the decision map
+draws the laws only where they are defined and marks where they are extrapolated.
 """
 
 from __future__ import annotations
