@@ -554,7 +554,7 @@ def _reason(choice: str, query: GateQuery, coefs: CoefficientSet, sup: Supervise
     tokens = (f"student tokens {sup.tokens:.3g} supervised, {dist.tokens:.3g} distilled; "
               if query.charges_teacher else "")
     return (f"{choice}: predicted student loss {winner:.4f} vs {loser:.4f} for {other} "
-            f"(question {question}; {tokens}{where}); {note} at equal student tokens.")
+            f"(question {question}; {tokens}{where}); at equal student tokens, {note}.")
 
 
 # --------------------------------------------------------------------------------------
@@ -711,6 +711,7 @@ def plot_decision_map(query: GateQuery, coefs: CoefficientSet, path: str | Path,
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
     decision = decision or decide(query, coefs)
@@ -738,6 +739,14 @@ def plot_decision_map(query: GateQuery, coefs: CoefficientSet, path: str | Path,
     if m.refused_cells:
         handles.append(Patch(facecolor="0.8", label=f"not drawn: a law predicts a loss outside (0, ln V = "
                                                    f"{m.loss_ceiling:.2f}]"))
+    finite = np.isfinite(m.margin)
+    if finite.any() and np.nanmin(m.margin) < 0 < np.nanmax(m.margin):
+        # Every place the margin changes sign (the laws can change it more than once); the
+        # solid line below is the crossover proper, the last change to supervised.
+        ax.contour(m.log_n, m.log_d, np.ma.masked_invalid(m.margin), levels=[0.0], colors="0.25",
+                   linewidths=0.8, linestyles=":")
+        handles.append(Line2D([], [], color="0.25", linewidth=0.8, linestyle=":",
+                              label="margin = 0 (every sign change)"))
     if np.isfinite(m.cross_log_d).any():
         handles += ax.plot(m.cross_log_n, m.cross_log_d, color="k", linewidth=1.6,
                            label="crossover (equal tokens): supervised wins above")
