@@ -147,3 +147,16 @@ def test_calibration_point_key_follows_the_training_code(monkeypatch):
             "distill/teachers/hf.py"} <= set(closure) and "distill/law.py" not in closure
     monkeypatch.setattr(calibration, "point_code_fingerprint", lambda: "other code")
     assert calibration.point_key(cfg_points[0], ctx, cfg_points) != key
+
+
+def test_a_change_to_the_training_code_reruns_stored_sweep_points(tmp_path, monkeypatch, capsys):
+    points = [calibration.SweepPoint("supervised", 1, 8, 2, 10, 4, 1e-3, 1, 0.1, 0.0, 1.0, seed)
+              for seed in (0, 1)]
+    ctx = calibration.SweepContext("data", 4, {}, "teacher")
+    store = calibration.PointStore(tmp_path)
+    for point in points:
+        store.put(calibration.point_key(point, ctx, points), {"L": 1.0})
+    assert calibration.plan_sweep(points, ctx, store).pending == []
+    monkeypatch.setattr(calibration, "point_code_fingerprint", lambda: "a fixed training loop")
+    assert calibration.plan_sweep(points, ctx, store).pending == [0, 1]
+    assert "2 stored points not reused (made by other code" in capsys.readouterr().out
