@@ -522,7 +522,8 @@ def spec_from_config(cfg, role: str, model: ModelConfig, optim: OptimConfig,
     # on old data: hash the prepared shards' content hashes and the data file names
     # (label files are named by their content address).
     shard_hashes = [s["hash"] for split in ("train", "val") for s in manifest["splits"][split]["shards"]]
-    data_hash = sha256_bytes(json.dumps([shard_hashes, [Path(p).name for p in data_paths]]).encode())
+    data_hash = sha256_bytes(json.dumps([shard_hashes, [Path(p).name for p in data_paths],
+                                         tok["hash"], model_inputs(model, extra.get("teacher_dir", ""))]).encode())
     return TrainSpec(
         role=role, model=model, optim=optim, loss=loss,
         data_paths=[str(Path(p).resolve()) for p in data_paths],
@@ -534,6 +535,20 @@ def spec_from_config(cfg, role: str, model: ModelConfig, optim: OptimConfig,
         use_gpu=cfg.train.use_gpu, checkpoint_every=cfg.train.checkpoint_every,
         max_failures=cfg.train.max_failures, eval_blocks=cfg.evaluate.max_blocks,
         data_hash=data_hash[:16], **extra)
+
+
+def model_inputs(model: ModelConfig, teacher_dir: str) -> dict[str, str]:
+    """The content of the models a run reads, which its paths alone do not identify: a local
+    HF model it starts from and the online teacher (a retrained teacher in the same folder
+    must not resume a run distilled from the old one)."""
+    from distill.models import model_fingerprint
+
+    found = {}
+    if model.model != "scratch":
+        found["init"] = model_fingerprint(model.model)
+    if teacher_dir:
+        found["teacher"] = model_fingerprint(teacher_dir)
+    return found
 
 
 def tokens_per_run(optim: OptimConfig, block_size: int, num_workers: int) -> int:

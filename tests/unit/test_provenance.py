@@ -160,3 +160,16 @@ def test_a_change_to_the_training_code_reruns_stored_sweep_points(tmp_path, monk
     monkeypatch.setattr(calibration, "point_code_fingerprint", lambda: "a fixed training loop")
     assert calibration.plan_sweep(points, ctx, store).pending == [0, 1]
     assert "2 stored points not reused (made by other code" in capsys.readouterr().out
+
+
+def test_the_models_a_run_reads_enter_its_inputs(tmp_path):
+    """An online teacher (or a start model) retrained in the same folder is another input."""
+    from distill.models import build_llama
+    from distill.training import model_inputs
+
+    assert model_inputs(ModelConfig(), "") == {}
+    build_llama(ModelConfig(layers=1, d_model=16, heads=2), 64, 16, seed=0).save_pretrained(tmp_path / "t")
+    first = model_inputs(ModelConfig(), str(tmp_path / "t"))
+    build_llama(ModelConfig(layers=1, d_model=16, heads=2), 64, 16, seed=1).save_pretrained(tmp_path / "t")
+    second = model_inputs(ModelConfig(model=str(tmp_path / "t")), str(tmp_path / "t"))
+    assert first["teacher"] != second["teacher"] and second["init"] == second["teacher"]
