@@ -22,7 +22,9 @@ Design choices (why):
   step on one CPU, and a sweep point revisits each block ~once per 1000 steps, so labeling
   each block once is several times cheaper than an online teacher in every step.
 * Each point's result is stored under a content address (the point, the data's hashes, the
-  loss settings, the teacher's identity): a re-run skips finished points.
+  loss settings, the teacher's identity, and the fingerprint of the code that trains a point,
+  :func:`point_code_fingerprint`): a re-run skips finished points, and a change to the
+  training loop, the loss, the model or the labeler runs them again.
 
 No Prefect or DVC here; ``tasks/calibrate.py`` is the stage, ``flows/calibrate.py`` the flow.
 """
@@ -46,11 +48,11 @@ from distill.config import (DISTILLATION_LAW_PARAMS, SUPERVISED_LAW_PARAMS, Conf
                             ModelConfig, OptimConfig, distills, heldout_count, parse_steps,
                             parse_student_sizes, parse_teachers, teacher_budget)
 from distill.io import read_json, sha256_bytes, write_json
+from distill.provenance import code_fingerprint
 from distill.law import (CoefficientSet, coefficient_set_from_fits, distillation_error_floor,
                          distillation_loss, fit_distillation, fit_supervised, heldout_error, save_coefficients,
                          supervised_loss)
 
-STORE_FORMAT = 1  # bump when a stored point's meaning changes (old results are then not reused)
 KINDS = ("supervised", "distill")
 
 
@@ -167,10 +169,17 @@ class SweepContext:
         return f"sweep:{point_key(teacher_point(points, point.teacher), self, points)}"
 
 
+def point_code_fingerprint() -> str:
+    """The fingerprint of the code that trains and measures a sweep point: this module's
+    import closure (the training step, loss, model, labeler, data reading), except
+    ``distill.law``, which fits the finished points and never changes one."""
+    return code_fingerprint("distill.calibration", exclude=("distill.law",))
+
+
 def point_key(point: SweepPoint, ctx: SweepContext, points: list[SweepPoint]) -> str:
-    """Content address of a point's result: same point, data, loss and teacher → same key."""
-    payload = {"format": STORE_FORMAT, "point": dataclasses.asdict(point), "data": ctx.data_hash,
-               "eval_blocks": ctx.eval_blocks}
+    """Content address of a point's result: same point, data, loss, teacher and code → same key."""
+    payload = {"code": point_code_fingerprint(), "point": dataclasses.asdict(point),
+               "data": ctx.data_hash, "eval_blocks": ctx.eval_blocks}
     if point.kind == "distill":
         payload["loss"] = ctx.loss
         payload["teacher"] = ctx.teacher_identity(point, points)
@@ -372,7 +381,16 @@ def plan_sweep(points: list[SweepPoint], ctx: SweepContext, store: PointStore) -
         tkey = point_key(teacher_point(points, size), ctx, points)
         if not store.model_dir(tkey).is_dir():
             done.pop(tkey, None)
+    say_unused_points(store, set(keys))
     return SweepPlan(points, keys, done)
+
+
+def say_unused_points(store: PointStore, keys: set[str]) -> None:
+    """One line when the store holds points this sweep cannot reuse, and why."""
+    stored = {p.stem for p in (store.root / "points").glob("*.json")}
+    if unused := len(stored - keys):
+        print(f"calibration store: {unused} stored points not reused (made by other code, data or "
+              f"settings; this code is {point_code_fingerprint()[:12]})", flush=True)
 
 
 def run_sweep(plan: SweepPlan, ctx: SweepContext, store: PointStore, data: SweepData,

@@ -25,18 +25,23 @@ Position p predicts token p+1; training puts the ignore index on targets outside
 filler (a valid uniform distribution) that the loss never reads.
 
 The settings that make labels usable (teacher fingerprint, tokenizer hash, k,
-temperature, mode, generation settings) are stored in the parquet schema metadata of
-every shard; training refuses shards whose settings differ from its own.
+temperature, mode, generation settings, the backend and dtype that ran the teacher, and the
+fingerprint of the labeler's code, :mod:`distill.provenance`) are stored in the parquet
+schema metadata of every shard; training refuses shards whose settings differ from its own.
 
-The label folder is a cache keyed by block: a shard holds any set of blocks, is named by
-the hash of its block ids and the settings, and is never rewritten in place.
-:func:`plan_labels` says which wanted blocks have no label yet and which shards hold
-stale rows (to be compacted by copying rows, no teacher needed).
+The label folder is a cache keyed by block and settings: a shard holds any set of blocks, is
+named by the hash of its block ids and the settings, and is never rewritten in place. Shards
+of up to ``KEEP_SETTINGS`` settings live side by side (the most recently used ones), so
+switching a setting back reuses its labels. :func:`plan_labels` says which wanted blocks have
+no label yet and which shards hold stale rows (to be compacted by copying rows, no teacher
+needed).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -45,8 +50,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distill.io import sha256_bytes
+from distill.provenance import code_fingerprint
 
-FORMAT_VERSION = 2  # 2: loss_from/length columns, hard modes, generation settings
+FORMAT_VERSION = 3  # 2: loss_from/length columns, hard modes, generation settings; 3: backend,
+                    # dtype and the labeler's code fingerprint in the settings
+KEEP_SETTINGS = 3   # label settings whose shards the folder keeps (the most recently used)
 META_KEY = b"distill.labels"
 LABEL_SCHEMA = pa.schema([
     ("block_id", pa.string()),
@@ -72,6 +80,9 @@ class LabelSettings:
     temperature: float
     mode: str = "soft"
     generation: str = ""  # hard modes: canonical JSON of the generation settings
+    backend: str = "hf"   # the resolved backend (hf or vllm): their numerics differ
+    dtype: str = "float32"
+    code: str = ""        # fingerprint of the labeler's code (labeler_code_fingerprint)
     format: int = FORMAT_VERSION
 
     def key(self, source_hash: str) -> str:
@@ -83,14 +94,27 @@ def settings_for_run(top_k: int, temperature: float, teacher: dict, manifest: di
                      label=None, seed: int = 0) -> LabelSettings:
     """The label settings a run uses: from ``teacher.json``, the prepared manifest, the
     ``distill`` params (k capped at the vocabulary) and the ``label`` params (mode and
-    generation; ``None`` = soft). The label stage writes them and the train stage demands
-    them, so both must build them here."""
-    mode = label.mode if label is not None else "soft"
+    generation, backend, dtype; ``None`` = the defaults: soft). The label stage writes them
+    and the train stage demands them, so both must build them here."""
+    from distill.config import LabelConfig
+    from distill.teachers import resolve_backend
+
+    label = label if label is not None else LabelConfig(mode="soft")
+    backend = resolve_backend(label.backend, temperature)
     return LabelSettings(teacher_fingerprint=teacher["fingerprint"],
                          tokenizer_hash=manifest["tokenizer"]["hash"],
-                         k=0 if mode == "hard" else min(top_k, manifest["tokenizer"]["vocab_size"]),
-                         temperature=temperature, mode=mode,
-                         generation=generation_settings(label, seed) if mode != "soft" else "")
+                         k=0 if label.mode == "hard" else min(top_k, manifest["tokenizer"]["vocab_size"]),
+                         temperature=temperature, mode=label.mode,
+                         generation=generation_settings(label, seed) if label.mode != "soft" else "",
+                         backend=backend, dtype=label.dtype, code=labeler_code_fingerprint(backend))
+
+
+def labeler_code_fingerprint(backend: str) -> str:
+    """The fingerprint of the code that makes a label: the backend's labeler and what it
+    imports, and this module (the format). Other code never changes a label's values."""
+    if backend not in ("hf", "vllm"):
+        raise ValueError(f"label backend {backend!r} is not one of: hf, vllm")
+    return code_fingerprint(f"distill.teachers.{backend}", "distill.labels")
 
 
 def generation_settings(label, seed: int) -> str:
@@ -166,6 +190,37 @@ def index_label_shards(out: Path, settings: LabelSettings) -> tuple[dict[str, li
         else:
             other.append(path)
     return index, other
+
+
+def mark_used(out: Path, names: list[str]) -> None:
+    """Record that the shards ``names`` were used now (their modification time), which ranks
+    their settings first when the folder keeps only ``KEEP_SETTINGS`` settings."""
+    now = time.time()
+    for name in names:
+        os.utime(out / name, (now, now))
+
+
+def retention_plan(other: list[Path], keep_settings: int = KEEP_SETTINGS) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Of the files no run with the current settings can use (``index_label_shards``' second
+    result), those to keep as the cache of other settings — every shard of the ``keep_settings
+    - 1`` most recently used other settings — and those to remove, each with the reason."""
+    groups: dict[LabelSettings, list[Path]] = {}
+    remove: list[tuple[Path, str]] = []
+    for path in other:
+        if path.name.startswith(".") or path.suffix != ".parquet":
+            remove.append((path, "leftover of an interrupted write"))
+            continue
+        try:
+            groups.setdefault(read_label_settings(path), []).append(path)
+        except ValueError as exc:
+            remove.append((path, f"not a usable label shard ({exc})"))
+    ranked = sorted(groups, key=lambda s: max(p.stat().st_mtime for p in groups[s]), reverse=True)
+    keep = [p for s in ranked[:max(0, keep_settings - 1)] for p in groups[s]]
+    for settings in ranked[max(0, keep_settings - 1):]:
+        remove += [(p, f"settings not used in the last {keep_settings} settings kept "
+                       f"(label.mode {settings.mode}, backend {settings.backend}, dtype {settings.dtype})")
+                   for p in groups[settings]]
+    return keep, remove
 
 
 def compact_shard(out: Path, name: str, keep_ids: list[str], settings: LabelSettings) -> str:

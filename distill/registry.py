@@ -7,16 +7,22 @@ validation blocks were evaluated. A new version gets the alias ``champion`` only
 the same number of validation blocks; otherwise ``challenger``. The comparison is written to
 the version's tags and, when a run is named, to that run's tags and a JSON artifact.
 
-When the current champion was measured on other data (a new data version, as in a weekly run
-on new data) the two losses are not comparable: the new version becomes the champion — the
-champion always belongs to the newest data version — and the comparison says so. A version
-without a champion (the first) becomes the champion. Aliases are moved only by
+A champion stays champion until beaten on the same data. When it was measured on other data
+(a new data version, as in a weekly run on new data, or another number of validation blocks)
+the caller's ``remeasure`` evaluates it on this run's validation blocks, its tags are updated
+to that measurement (the previous one kept in ``distill.previous_evaluation``), and the new
+version is compared with it as usual. A champion that cannot be measured on the new data (no
+``remeasure``, or one that raises ``NotComparable``, e.g. another tokenizer: losses per token of
+two vocabularies are not comparable) stays champion and the new version is the challenger; the
+reason says why, and ``distill promote`` moves the alias by hand. A version without a champion
+(the first) becomes the champion. Aliases are moved only by
 ``assign_alias`` (the last step of a successful evaluation) and ``promote`` (by hand).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -29,6 +35,11 @@ TAG_DATA = "distill.data_hash"
 TAG_VAL_BLOCKS = "distill.val_blocks"
 TAG_ALIAS = "distill.assigned_alias"
 TAG_REASON = "distill.alias_reason"
+TAG_PREVIOUS = "distill.previous_evaluation"
+
+
+class NotComparable(Exception):
+    """The champion cannot be measured on the new data (the message says why)."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +67,7 @@ class Outcome:
     evaluation: Evaluation
     champion_before: str | None = None
     champion_evaluation: Evaluation | None = None
+    champion_remeasured: bool = False   # champion_evaluation was measured now, on this data
 
     @property
     def message(self) -> str:
@@ -75,22 +87,27 @@ def client(tracking_uri: str | None = None):
 
 
 def choose_alias(new: Evaluation, champion: Evaluation | None,
-                 champion_version: str | None = None) -> tuple[str, bool, str]:
-    """The pure rule: (alias, comparable, reason) for a new version against the champion."""
+                 champion_version: str | None = None, remeasured: bool = False,
+                 not_comparable_why: str = "") -> tuple[str, bool, str]:
+    """The pure rule: (alias, comparable, reason) for a new version against the champion.
+    ``remeasured``: the champion's evaluation was measured now, on the new version's data;
+    ``not_comparable_why``: why a champion on other data could not be measured on it."""
     if not math.isfinite(new.val_loss):
         return CHALLENGER, False, f"validation loss is {new.val_loss}: never a champion"
     if champion is None:
         return CHAMPION, False, "no champion yet"
     if not new.comparable_with(champion):
-        return CHAMPION, False, (
+        return CHALLENGER, False, (
             f"champion version {champion_version} was measured on other data "
             f"(data {champion.data_hash}, {champion.val_blocks} val blocks; this run: data "
-            f"{new.data_hash}, {new.val_blocks} val blocks), not comparable: the champion "
-            f"follows the newest data version")
+            f"{new.data_hash}, {new.val_blocks} val blocks) and cannot be measured on this data"
+            f"{': ' + not_comparable_why if not_comparable_why else ''}; it stays champion until "
+            f"beaten on the same data (`distill promote` moves it by hand)")
     verdict = "beats" if new.val_loss < champion.val_loss else "does not beat"
     alias = CHAMPION if new.val_loss < champion.val_loss else CHALLENGER
+    how = " (re-evaluated now on this data)" if remeasured else ""
     return alias, True, (f"val loss {new.val_loss:.4f} {verdict} champion version {champion_version} "
-                         f"({champion.val_loss:.4f}) on the same data {new.data_hash}")
+                         f"({champion.val_loss:.4f}{how}) on the same data {new.data_hash}")
 
 
 def evaluation_of(version) -> Evaluation | None:
@@ -116,24 +133,44 @@ def current_version(mlflow_client, model: str, alias: str):
 
 
 def assign_alias(mlflow_client, model: str, version: str, evaluation: Evaluation,
-                 run_id: str | None = None) -> Outcome:
+                 run_id: str | None = None,
+                 remeasure: Callable[[Any], Evaluation] | None = None) -> Outcome:
     """Tag ``version`` with ``evaluation``, compare it with the champion, set ``champion`` or
     ``challenger``, and record the comparison (version tags; the run's tags and
-    ``registry/comparison.json`` when ``run_id`` is given)."""
+    ``registry/comparison.json`` when ``run_id`` is given). ``remeasure(champion_version)``
+    evaluates a champion measured on other data on ``evaluation``'s data (or raises
+    ``NotComparable``)."""
     version = str(version)
-    for key, value in ((TAG_VAL_LOSS, repr(evaluation.val_loss)), (TAG_DATA, evaluation.data_hash),
-                       (TAG_VAL_BLOCKS, str(evaluation.val_blocks))):
-        mlflow_client.set_model_version_tag(model, version, key, value)
+    tag_evaluation(mlflow_client, model, version, evaluation)
     champion = current_version(mlflow_client, model, CHAMPION)
     champion_eval = None if champion is None else evaluation_of(champion)
     champion_version = None if champion is None else str(champion.version)
     if champion is not None and champion_eval is None:
         # A champion set without our tags (by hand, or by an older version of this code).
         champion_eval = Evaluation(float("nan"), "unknown", -1)
-    alias, comparable, reason = choose_alias(evaluation, champion_eval, champion_version)
+    remeasured, why = False, ""
+    if (champion_eval is not None and remeasure is not None and math.isfinite(evaluation.val_loss)
+            and not evaluation.comparable_with(champion_eval)):
+        try:
+            now = remeasure(champion)
+        except NotComparable as exc:
+            why = str(exc)
+        else:
+            if not evaluation.comparable_with(now):
+                raise ValueError(f"re-evaluating champion version {champion_version} gave data "
+                                 f"{now.data_hash}/{now.val_blocks} blocks, not this run's "
+                                 f"{evaluation.data_hash}/{evaluation.val_blocks}")
+            mlflow_client.set_model_version_tag(model, champion_version, TAG_PREVIOUS,
+                                                repr(asdict(champion_eval)))
+            tag_evaluation(mlflow_client, model, champion_version, now)
+            champion_eval, remeasured = now, True
+            print(f"champion version {champion_version} re-evaluated on data {now.data_hash} "
+                  f"({now.val_blocks} val blocks): val loss {now.val_loss:.4f}", flush=True)
+    alias, comparable, reason = choose_alias(evaluation, champion_eval, champion_version,
+                                             remeasured, why)
     outcome = Outcome(model=model, version=version, alias=alias, comparable=comparable,
                       reason=reason, evaluation=evaluation, champion_before=champion_version,
-                      champion_evaluation=champion_eval)
+                      champion_evaluation=champion_eval, champion_remeasured=remeasured)
     mlflow_client.set_registered_model_alias(model, alias, version)
     mlflow_client.set_model_version_tag(model, version, TAG_ALIAS, alias)
     mlflow_client.set_model_version_tag(model, version, TAG_REASON, reason[:5000])
@@ -142,12 +179,20 @@ def assign_alias(mlflow_client, model: str, version: str, evaluation: Evaluation
     return outcome
 
 
+def tag_evaluation(mlflow_client, model: str, version: str, evaluation: Evaluation) -> None:
+    """Record on ``version`` what it was (last) measured on and its loss there."""
+    for key, value in ((TAG_VAL_LOSS, repr(evaluation.val_loss)), (TAG_DATA, evaluation.data_hash),
+                       (TAG_VAL_BLOCKS, str(evaluation.val_blocks))):
+        mlflow_client.set_model_version_tag(model, version, key, value)
+
+
 def log_outcome(mlflow_client, run_id: str, outcome: Outcome) -> None:
     """The comparison on the evaluating run: tags, a metric and ``registry/comparison.json``."""
     mlflow_client.set_tag(run_id, "distill.registry.version", outcome.version)
     mlflow_client.set_tag(run_id, "distill.registry.alias", outcome.alias)
     mlflow_client.set_tag(run_id, "distill.registry.champion_before", outcome.champion_before or "none")
     mlflow_client.set_tag(run_id, "distill.registry.comparable", str(outcome.comparable).lower())
+    mlflow_client.set_tag(run_id, "distill.registry.champion_remeasured", str(outcome.champion_remeasured).lower())
     mlflow_client.set_tag(run_id, "distill.registry.reason", outcome.reason[:5000])
     if outcome.champion_evaluation is not None and math.isfinite(outcome.champion_evaluation.val_loss):
         mlflow_client.log_metric(run_id, "registry.champion_val_loss", outcome.champion_evaluation.val_loss)

@@ -5,7 +5,9 @@ from offline top-k labels, or supervised). Workers read their data shard through
 average gradients with one all-reduce per step (gloo on CPU, NCCL on GPU), checkpoint every
 ``checkpoint_every`` steps (model, optimizer, scheduler, RNG, data position) and resume from
 the latest checkpoint when Ray Train restarts them or the driver is re-run with the same
-inputs (the run name is a hash of them).
+inputs, settings and code (the run name is their fingerprint, :mod:`distill.provenance`):
+Ray Train restores ``runs/<name>`` whenever it exists, finished or not, so a run of other
+code must have another name.
 """
 
 from __future__ import annotations
@@ -27,6 +29,13 @@ import torch
 from distill.config import DistillConfig, ModelConfig, OptimConfig
 from distill.io import sha256_bytes
 from distill.losses import IGNORE_INDEX, DistillationLoss, SparseTeacher
+from distill.provenance import code_fingerprint, fingerprint
+
+
+def training_code_fingerprint() -> str:
+    """The fingerprint of the code that computes trained weights from a ``TrainSpec``: this
+    module's import closure (losses, models, data reading, config)."""
+    return code_fingerprint("distill.training")
 
 
 @dataclass
@@ -58,14 +67,17 @@ class TrainSpec:
     tracking_uri: str = ""
     mlflow_run_id: str = ""
     data_hash: str = ""
+    # set where the spec is made (the driver), so every worker names the same run
+    code: str = field(default_factory=training_code_fingerprint)
 
     def run_name(self) -> str:
-        """Same inputs → same name → Ray Train resumes that run instead of starting over."""
-        payload = dataclasses.asdict(self)
+        """Same inputs, settings and code → same name → Ray Train resumes that run; anything
+        else → another name → a fresh run (never a finished run of other code exported again)."""
+        settings = dataclasses.asdict(self)
         for volatile in ("mlflow_run_id", "tracking_uri", "storage_path", "max_failures",
-                         "data_paths", "val_paths", "tokenizer_dir", "teacher_dir"):
-            payload.pop(volatile)
-        return f"{self.role}-{sha256_bytes(json.dumps(payload, sort_keys=True).encode())[:12]}"
+                         "data_paths", "val_paths", "tokenizer_dir", "teacher_dir", "data_hash", "code"):
+            settings.pop(volatile)
+        return f"{self.role}-{fingerprint(inputs=self.data_hash, settings=settings, code=self.code)[:12]}"
 
 
 @dataclass
@@ -456,6 +468,7 @@ def run_training(spec: TrainSpec, out_dir: Path) -> TrainResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    say_resume_or_fresh(spec)
     dataset = open_dataset(spec.data_paths, spec.seed)
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -487,6 +500,19 @@ def run_training(spec: TrainSpec, out_dir: Path) -> TrainResult:
                        resumed_from=resumed_from)
 
 
+def say_resume_or_fresh(spec: TrainSpec) -> None:
+    """One line on whether this run continues an earlier one (same fingerprint) or starts
+    fresh, naming the runs of the same role that are not resumed because they differ."""
+    storage, name = Path(spec.storage_path), spec.run_name()
+    if (storage / name).is_dir():
+        print(f"{spec.role}: run {name} exists (same data, settings and code {spec.code[:12]}): "
+              f"Ray Train resumes it from its latest checkpoint", flush=True)
+        return
+    others = sorted(p.name for p in storage.glob(f"{spec.role}-*") if p.is_dir()) if storage.is_dir() else []
+    why = (f"; not resuming {', '.join(others)} (other data, settings or code)" if others else "")
+    print(f"{spec.role}: new run {name} (code {spec.code[:12]}){why}", flush=True)
+
+
 def spec_from_config(cfg, role: str, model: ModelConfig, optim: OptimConfig,
                      loss: DistillConfig | None, data_paths: list[Path], val_paths: list[Path],
                      prepared_dir: Path, manifest: dict, storage: Path, **extra) -> TrainSpec:
@@ -496,7 +522,8 @@ def spec_from_config(cfg, role: str, model: ModelConfig, optim: OptimConfig,
     # on old data: hash the prepared shards' content hashes and the data file names
     # (label files are named by their content address).
     shard_hashes = [s["hash"] for split in ("train", "val") for s in manifest["splits"][split]["shards"]]
-    data_hash = sha256_bytes(json.dumps([shard_hashes, [Path(p).name for p in data_paths]]).encode())
+    data_hash = sha256_bytes(json.dumps([shard_hashes, [Path(p).name for p in data_paths],
+                                         tok["hash"], model_inputs(model, extra.get("teacher_dir", ""))]).encode())
     return TrainSpec(
         role=role, model=model, optim=optim, loss=loss,
         data_paths=[str(Path(p).resolve()) for p in data_paths],
@@ -508,6 +535,20 @@ def spec_from_config(cfg, role: str, model: ModelConfig, optim: OptimConfig,
         use_gpu=cfg.train.use_gpu, checkpoint_every=cfg.train.checkpoint_every,
         max_failures=cfg.train.max_failures, eval_blocks=cfg.evaluate.max_blocks,
         data_hash=data_hash[:16], **extra)
+
+
+def model_inputs(model: ModelConfig, teacher_dir: str) -> dict[str, str]:
+    """The content of the models a run reads, which its paths alone do not identify: a local
+    HF model it starts from and the online teacher (a retrained teacher in the same folder
+    must not resume a run distilled from the old one)."""
+    from distill.models import model_fingerprint
+
+    found = {}
+    if model.model != "scratch":
+        found["init"] = model_fingerprint(model.model)
+    if teacher_dir:
+        found["teacher"] = model_fingerprint(teacher_dir)
+    return found
 
 
 def tokens_per_run(optim: OptimConfig, block_size: int, num_workers: int) -> int:

@@ -8,7 +8,8 @@ calibration tables (DVC plots), a reliability diagram and the gate's outcome as 
 params, the DVC hashes of the data used, the git commit, the decision, metrics and plots to
 MLflow. Its last step registers the student (transformers flavour, with its tokenizer) and
 gives the version the alias ``champion`` or ``challenger`` (``distill.registry``), so a run
-that fails before that point leaves the aliases untouched.
+that fails before that point leaves the aliases untouched. A champion measured on other data
+is first re-evaluated here, on this run's validation blocks (``champion_remeasure``).
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def run(cfg: Config, out: Path = METRICS) -> dict:
     for sample in samples:
         print(f"prompt {sample['prompt']!r}\n  student → {sample['student']!r}\n"
               f"  teacher → {sample['teacher']!r}")
-    track_in_mlflow(cfg, metrics, decision, student, tokenizer, manifest)
+    track_in_mlflow(cfg, metrics, decision, student, tokenizer, manifest, blocks)
     return metrics
 
 
@@ -259,7 +260,7 @@ def data_version(hashes: dict[str, str], manifest: dict) -> str:
 
 
 def track_in_mlflow(cfg: Config, metrics: dict, decision: dict, student, tokenizer,
-                    manifest: dict) -> None:
+                    manifest: dict, blocks: np.ndarray) -> None:
     """Params, data hashes, decision, metrics, plots, samples; last, the registered student
     and its alias."""
     import mlflow
@@ -276,12 +277,61 @@ def track_in_mlflow(cfg: Config, metrics: dict, decision: dict, student, tokeniz
                      "distill.data.prepared": hashes.get("data/prepared", "")})
     log_data_lineage(hashes, manifest)
     version = register_student(cfg, metrics, student, tokenizer)
+    data = data_version(hashes, manifest)
     outcome = registry.assign_alias(
         registry.client(), cfg.evaluate.registered_model, version,
-        registry.Evaluation(val_loss=metrics["student"]["val_loss"],
-                            data_hash=data_version(hashes, manifest), val_blocks=metrics["val_blocks"]),
-        run_id=mlflow.active_run().info.run_id)
+        registry.Evaluation(val_loss=metrics["student"]["val_loss"], data_hash=data,
+                            val_blocks=metrics["val_blocks"]),
+        run_id=mlflow.active_run().info.run_id,
+        remeasure=champion_remeasure(cfg, blocks, data, manifest["tokenizer"]["vocab_size"]))
     print(outcome.message)
+
+
+def champion_remeasure(cfg: Config, blocks: np.ndarray, data: str, vocab: int):
+    """The registry's ``remeasure``: download a registered version and measure its validation
+    loss on ``blocks`` (this run's data, ``data``), as the student's was measured. A version
+    whose tokenizer is not the prepared data's cannot read these token ids: NotComparable."""
+    def remeasure(version) -> registry.Evaluation:
+        import tempfile
+
+        import mlflow
+
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(mlflow.artifacts.download_artifacts(
+                f"models:/{cfg.evaluate.registered_model}/{version.version}", dst_path=tmp))
+            model_dir, tokenizer_dir = hf_folders(local)
+            if load_tokenizer(tokenizer_dir).get_vocab() != load_tokenizer(PREPARED / "tokenizer").get_vocab():
+                raise registry.NotComparable(
+                    f"version {version.version} has another tokenizer than the prepared data "
+                    f"(losses per token of two vocabularies are not comparable)")
+            model = load_causal_lm(model_dir, cfg.student.trust_remote_code).eval()
+            loss = validation_loss(model, blocks, cfg.evaluate.batch_size, vocab)
+        return registry.Evaluation(val_loss=loss, data_hash=data, val_blocks=len(blocks))
+    return remeasure
+
+
+def hf_folders(local: Path) -> tuple[Path, Path]:
+    """The model folder (``config.json``) and tokenizer folder (``tokenizer.json``) of a model
+    downloaded from the registry (the transformers flavour keeps them apart)."""
+    configs = sorted(local.rglob("config.json"))
+    tokenizers = sorted(local.rglob("tokenizer.json"))
+    if not configs or not tokenizers:
+        raise registry.NotComparable(f"the registered model under {local} has no "
+                                     f"{'config.json' if not configs else 'tokenizer.json'}")
+    return configs[0].parent, tokenizers[0].parent
+
+
+@torch.inference_mode()
+def validation_loss(model, blocks: np.ndarray, batch_size: int, vocab: int) -> float:
+    """Mean next-token NLL (nats/token) of ``model`` on ``blocks``, computed as
+    ``compare_models`` computes the student's (logits cut to the data's vocabulary)."""
+    total, count = 0.0, 0
+    for start in range(0, len(blocks), batch_size):
+        ids = torch.from_numpy(blocks[start:start + batch_size].astype(np.int64))
+        logits = model(input_ids=ids[:, :-1]).logits[..., :vocab].float().flatten(0, 1)
+        total += F.cross_entropy(logits, ids[:, 1:].reshape(-1), reduction="sum").item()
+        count += ids[:, 1:].numel()
+    return total / count
 
 
 def log_data_lineage(hashes: dict[str, str], manifest: dict) -> None:

@@ -10,7 +10,9 @@ blocks without a label are sent to the teacher, in chunks of ``data.shard_blocks
 written as new shards (under a temporary name, then renamed: a file that exists is
 complete), so an interrupted run resumes with what is missing and adding documents labels
 only their new blocks. Shards holding blocks no longer wanted are compacted by copying
-rows (no teacher) or removed. Blocks the teacher cannot label go to ``errors.parquet``
+rows (no teacher) or removed. Shards made with other settings (another teacher, k, mode,
+backend, dtype or labeler code) stay, for the ``KEEP_SETTINGS`` most recently used
+settings (:func:`distill.labels.retention_plan`), so switching back reuses them. Blocks the teacher cannot label go to ``errors.parquet``
 (block id, reason), counted in the manifest. ``manifest.json`` is written last. With a
 ``supervised`` decision the stage writes an explicit "skipped" manifest instead.
 """
@@ -27,9 +29,9 @@ import pyarrow.parquet as pq
 
 from distill.config import Config
 from distill.io import read_json, write_json
-from distill.labels import (LabelSettings, compact_shard, index_label_shards, labels_table,
-                            plan_labels, settings_for_run, shard_name, write_error_table,
-                            write_label_shard)
+from distill.labels import (KEEP_SETTINGS, LabelSettings, compact_shard, index_label_shards,
+                            labels_table, mark_used, plan_labels, retention_plan, settings_for_run,
+                            shard_name, write_error_table, write_label_shard)
 from distill.raylocal import init_ray
 from distill.teachers import resolve_backend
 from tasks.common import (DECISION, LABELS, PREPARED, TEACHER_DIR, TEACHER_JSON, log_to_mlflow,
@@ -71,17 +73,23 @@ def label_train_blocks(cfg: Config, out: Path, teacher: dict, manifest: dict) ->
     index, unusable = index_label_shards(out, settings)
     plan = plan_labels(wanted, index)
     print(f"labeling {len(plan.missing)} of {len(wanted)} train blocks ({plan.cached} already "
-          f"labeled with these settings, mode {settings.mode})")
+          f"labeled with these settings: mode {settings.mode}, backend {settings.backend}, dtype "
+          f"{settings.dtype}, labeler code {settings.code[:12]})")
     errors: list[dict] = []
     if plan.missing:
         errors = label_blocks(cfg, plan.missing, settings, manifest, out)
     for name, keep in plan.compact.items():
         print(f"compacting {name}: keeping {len(keep)} of {len(index[name])} blocks")
         compact_shard(out, name, keep, settings)
-    for path in unusable + [out / name for name in plan.drop]:
-        path.unlink()
+    for name in plan.drop:
+        (out / name).unlink()
+    kept_other = apply_retention(unusable)
     write_error_table(errors, out / ERRORS_FILE)
     shards, _ = index_label_shards(out, settings)
+    mark_used(out, list(shards))
+    if kept_other:
+        print(f"kept {kept_other} shards of other label settings (up to {KEEP_SETTINGS} settings "
+              f"are kept; switching back reuses them)")
     if not shards:
         first = errors[0]["reason"] if errors else "no train blocks"
         raise ValueError(f"label stage: none of {len(wanted)} train blocks could be labeled "
@@ -90,6 +98,16 @@ def label_train_blocks(cfg: Config, out: Path, teacher: dict, manifest: dict) ->
                        reused=plan.cached, compacted=len(plan.compact), errors=errors)
     write_json(out / "manifest.json", result)  # the completion marker, written last
     return result
+
+
+def apply_retention(other: list[Path]) -> int:
+    """Remove what the label folder no longer keeps of other settings' files, saying why;
+    returns how many shards of other settings stay."""
+    keep, remove = retention_plan(other)
+    for path, reason in remove:
+        print(f"removing {path.name}: {reason}")
+        path.unlink()
+    return len(keep)
 
 
 def train_block_ids(manifest: dict) -> list[str]:

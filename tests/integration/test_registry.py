@@ -130,3 +130,26 @@ def test_a_run_failing_in_evaluate_leaves_the_champion_untouched(two_runs):
     assert "evaluate.sample_prompt_tokens + evaluate.sample_tokens" in proc.stdout + proc.stderr
     assert aliases(project) == before
     assert len(client(project).search_model_versions(f"name='{MODEL}'")) == 2
+
+
+def test_a_champion_on_other_validation_data_is_remeasured_there(two_runs, tmp_path):
+    """Evaluate on 16 validation blocks (the champion was measured on 32): the champion (version
+    1, 20 steps) is downloaded from the registry and measured on the 16, and the new version
+    (3 steps) is compared with that: it does not beat it."""
+    from .conftest import ROOT
+
+    project, _, _, _ = two_runs
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    defaults = yaml.safe_load((ROOT / "params.yaml").read_text())["evaluate"]
+    params["evaluate"].update(max_blocks=16, sample_prompt_tokens=defaults["sample_prompt_tokens"],
+                              sample_tokens=defaults["sample_tokens"])
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
+    proc = run([str(BIN / "python"), "-m", "tasks.evaluate", "--params", str(tmp_path / "p.yaml")], cwd=project)
+    champion = aliases(project)["champion"]
+    assert f"champion version {champion} re-evaluated on data" in proc.stdout
+    new = max(client(project).search_model_versions(f"name='{MODEL}'"), key=lambda v: int(v.version))
+    tags = client(project).get_model_version(MODEL, champion).tags
+    assert tags["distill.val_blocks"] == "16" and "'val_blocks': 32" in tags["distill.previous_evaluation"]
+    assert float(tags["distill.val_loss"]) < float(new.tags["distill.val_loss"])
+    assert new.tags["distill.assigned_alias"] == "challenger"
+    assert "re-evaluated now on this data" in new.tags["distill.alias_reason"]

@@ -60,15 +60,30 @@ def checkpoint_registered(run_dir: Path) -> bool:
     return snapshot.is_file() and "checkpoint_" in snapshot.read_text()
 
 
+def own_train_worker_pids() -> list[int]:
+    """PIDs of this test's live Ray Train workers: the RayTrainWorker actors of this driver's
+    job, from the shared head's actor table (other sessions' workers are other jobs/heads)."""
+    import ray
+    from ray._private import state
+
+    job = ray.JobID.from_hex(ray.get_runtime_context().get_job_id())
+    table = state.actors(job_id=job, actor_state_name="ALIVE")
+    infos = table.values() if isinstance(table, dict) else table
+    return [int(info["Pid"]) for info in infos
+            if "RayTrainWorker" in info["ActorClassName"] and info["Pid"]]
+
+
 def kill_worker_after_first_checkpoint(run_dir: Path, killed: list) -> None:
-    """Wait for the first registered checkpoint, then SIGKILL the Ray Train worker process."""
+    """Wait for the first registered checkpoint, then SIGKILL the worker process of this run,
+    by the pid Ray reports for it (never every RayTrainWorker on the machine)."""
     deadline = time.time() + 300
     while time.time() < deadline and not checkpoint_registered(run_dir):
         time.sleep(0.05)
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        if any("RayTrainWorker" in part for part in (proc.info["cmdline"] or [])):
+    for pid in own_train_worker_pids():
+        proc = psutil.Process(pid)
+        if any("RayTrainWorker" in part for part in proc.cmdline()):  # the pid is still that worker
             proc.kill()
-            killed.append(proc.info["pid"])
+            killed.append(pid)
 
 
 def test_killed_worker_resumes_from_checkpoint(data, tmp_path):
@@ -81,7 +96,7 @@ def test_killed_worker_resumes_from_checkpoint(data, tmp_path):
     killer.start()
     faulty = run_training(faulty_spec, tmp_path / "faulty-model")
     killer.join()
-    assert killed, "no Ray Train worker process was found to kill"
+    assert len(killed) == 1, f"expected this run's one Ray Train worker, killed {killed}"
     assert faulty.resumed_from and faulty.resumed_from[0] >= 10  # from a checkpoint, not step 0
     assert (tmp_path / "faulty-model" / "model.safetensors").is_file()
     assert faulty.final["val_loss"] == pytest.approx(clean.final["val_loss"], abs=0.05)

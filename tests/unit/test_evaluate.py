@@ -173,3 +173,21 @@ def test_weights_bytes_counts_every_weight_file(tmp_path):
     (tmp_path / "model-00002-of-00002.safetensors").write_bytes(b"x" * 5)
     (tmp_path / "config.json").write_text("{}")
     assert evaluate.weights_bytes(tmp_path) == 15
+
+
+def test_validation_loss_is_the_student_loss_of_compare_models():
+    student, teacher, blocks = tiny(seed=1), tiny(seed=2, d_model=32), random_blocks()
+    metrics, _ = compare_models(student, teacher, blocks, batch_size=4, vocab=VOCAB)
+    assert evaluate.validation_loss(student, blocks, 4, VOCAB) == pytest.approx(metrics["student"]["val_loss"])
+
+
+def test_registered_model_folders_are_found_or_named(tmp_path):
+    from distill.registry import NotComparable
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    with pytest.raises(NotComparable, match="tokenizer.json"):
+        evaluate.hf_folders(tmp_path)
+    (tmp_path / "components" / "tokenizer").mkdir(parents=True)
+    (tmp_path / "components" / "tokenizer" / "tokenizer.json").write_text("{}")
+    assert evaluate.hf_folders(tmp_path) == (tmp_path / "model", tmp_path / "components" / "tokenizer")

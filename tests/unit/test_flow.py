@@ -24,6 +24,41 @@ def test_every_stage_runs_its_task_module_and_declares_its_code():
         assert f"tasks/{name}.py" in stage["deps"]
 
 
+def code_deps(stage: dict) -> list[str]:
+    """The deps of a stage that are project code (files or folders under distill/ or tasks/)."""
+    return [d for d in stage["deps"] if d.split("/")[0] in ("distill", "tasks")]
+
+
+def covers(dep: str, path: str) -> bool:
+    return path == dep or path.startswith(dep.rstrip("/") + "/")
+
+
+def test_every_stage_declares_the_import_closure_of_its_module():
+    """dvc.yaml's code deps equal what the stage's module can import (computed from the source
+    with ast): a missing one would let DVC skip a stage whose code changed."""
+    from distill.provenance import import_closure
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        closure = import_closure([f"tasks.{name}"], root=ROOT)
+        deps = code_deps(stage)
+        missing = [f for f in closure if not any(covers(d, f) for d in deps)]
+        assert not missing, f"dvc.yaml stage {name}: code deps missing {missing}"
+        extra = [d for d in deps if not any(covers(d, f) for f in closure)]
+        assert not extra, f"dvc.yaml stage {name}: code deps not imported by tasks.{name}: {extra}"
+
+
+def test_the_closure_guard_can_fail(tmp_path):
+    """The same check on a stage that forgot a lazily imported module finds it."""
+    from distill.provenance import import_closure
+
+    closure = import_closure(["tasks.evaluate"], root=ROOT)
+    assert "distill/losses.py" in closure and "distill/config.py" in closure
+    deps = [d for d in code_deps(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["evaluate"])
+            if d != "distill/losses.py"]
+    assert [f for f in closure if not any(covers(d, f) for d in deps)] == ["distill/losses.py"]
+
+
 def test_cycles_are_reported(tmp_path):
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
         "a": {"cmd": "x", "deps": ["b.out"], "outs": ["a.out"]},

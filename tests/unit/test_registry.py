@@ -89,13 +89,68 @@ def test_equal_loss_does_not_beat_the_champion(store):
     assert outcome.alias == CHALLENGER
 
 
-@pytest.mark.parametrize("other", [Evaluation(9.0, DATA_B, 32), Evaluation(9.0, DATA_A, 64)])
-def test_champion_on_other_data_is_not_comparable_and_is_replaced(store, other):
+@pytest.mark.parametrize("other", [Evaluation(1.0, DATA_B, 32), Evaluation(1.0, DATA_A, 64)])
+def test_a_champion_on_other_data_that_cannot_be_remeasured_stays_champion(store, other):
     client, exp = store
-    _, (v2, _, outcome) = assigned_versions(client, exp, Evaluation(3.0, DATA_A, 32), other)
-    assert outcome.alias == CHAMPION and not outcome.comparable
-    assert "not comparable" in outcome.reason and "measured on other data" in outcome.reason
-    assert alias_of(client, CHAMPION) == v2
+    (v1, _, _), (v2, _, outcome) = assigned_versions(client, exp, Evaluation(3.0, DATA_A, 32), other)
+    assert outcome.alias == CHALLENGER and not outcome.comparable and not outcome.champion_remeasured
+    assert "measured on other data" in outcome.reason and "stays champion until beaten" in outcome.reason
+    assert alias_of(client, CHAMPION) == v1 and alias_of(client, CHALLENGER) == v2
+
+
+def remeasured_to(loss: float, calls: list):
+    """A ``remeasure`` that measures the champion at ``loss`` on DATA_B (and records the call)."""
+    def remeasure(version):
+        calls.append(str(version.version))
+        return Evaluation(loss, DATA_B, 32)
+    return remeasure
+
+
+@pytest.mark.parametrize("champion_now, new_alias", [(2.0, CHAMPION), (1.0, CHALLENGER)])
+def test_new_data_remeasures_the_champion_and_promotes_only_if_beaten_there(store, tmp_path,
+                                                                            champion_now, new_alias):
+    client, exp = store
+    v1, _ = new_version(client, exp)
+    registry.assign_alias(client, MODEL, v1, Evaluation(3.0, DATA_A, 32))
+    v2, run_id = new_version(client, exp)
+    calls: list = []
+    outcome = registry.assign_alias(client, MODEL, v2, Evaluation(1.5, DATA_B, 32), run_id=run_id,
+                                    remeasure=remeasured_to(champion_now, calls))
+    assert calls == [v1] and outcome.comparable and outcome.champion_remeasured
+    assert outcome.alias == new_alias and "re-evaluated now on this data" in outcome.reason
+    assert alias_of(client, CHAMPION) == (v2 if new_alias == CHAMPION else v1)
+    # the champion's tags now say what it was measured on last; the old measurement is kept
+    tags = client.get_model_version(MODEL, v1).tags
+    assert tags[registry.TAG_DATA] == DATA_B and float(tags[registry.TAG_VAL_LOSS]) == champion_now
+    assert "3.0" in tags[registry.TAG_PREVIOUS]
+    run = client.get_run(run_id)
+    assert run.data.tags["distill.registry.champion_remeasured"] == "true"
+    assert run.data.metrics["registry.champion_val_loss"] == champion_now
+
+
+def test_same_data_needs_no_remeasure(store):
+    client, exp = store
+    v1, _ = new_version(client, exp)
+    registry.assign_alias(client, MODEL, v1, Evaluation(3.0, DATA_A, 32))
+    v2, _ = new_version(client, exp)
+    calls: list = []
+    outcome = registry.assign_alias(client, MODEL, v2, Evaluation(2.0, DATA_A, 32),
+                                    remeasure=remeasured_to(9.0, calls))
+    assert calls == [] and outcome.alias == CHAMPION and not outcome.champion_remeasured
+
+
+def test_a_champion_that_cannot_read_the_new_data_says_why(store):
+    client, exp = store
+    v1, _ = new_version(client, exp)
+    registry.assign_alias(client, MODEL, v1, Evaluation(3.0, DATA_A, 32))
+    v2, _ = new_version(client, exp)
+
+    def remeasure(version):
+        raise registry.NotComparable("another tokenizer")
+
+    outcome = registry.assign_alias(client, MODEL, v2, Evaluation(1.0, DATA_B, 32), remeasure=remeasure)
+    assert outcome.alias == CHALLENGER and "another tokenizer" in outcome.reason
+    assert alias_of(client, CHAMPION) == v1
 
 
 def test_non_finite_loss_is_never_champion():
