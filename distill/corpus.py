@@ -215,8 +215,6 @@ def iter_raw_texts(source: str, text_field: str, stats: CorpusStats,
     if source == "stdlib":
         yield from _iter_files(stdlib_files(), text_field, stats)
     elif source.startswith("hf:"):
-        from distill.hfdata import iter_hf_texts
-
         for origin, text in iter_hf_texts(source[3:], text_field, stats):
             yield origin, iter([normalise(text)])
     else:
@@ -359,6 +357,74 @@ def _iter_parquet(path: Path, text_field: str, stats: CorpusStats) -> Iterator[t
             else:
                 stats.drop_empty(f"{path}:row {row}: {text_field} is {type(text).__name__}")
             row += 1
+
+
+def iter_hf_texts(spec: str, text_field: str, stats: CorpusStats,
+                  batch_rows: int = 1000) -> Iterator[tuple[str, str]]:
+    """The texts of ``hf:<dataset>[:<split>]``, streamed: a ``save_to_disk`` folder (read in
+    batches from its memory-mapped arrow files), a local folder of data files in HF's layout
+    (``load_dataset(folder, streaming=True)``, offline) or a Hub name (``streaming=True``,
+    needs the network). ``text_field`` is checked before any text is read."""
+    name, _, split = spec.partition(":")
+    try:
+        import datasets
+    except ImportError as exc:
+        raise CorpusError("data.source hf:... needs the `datasets` package: pip install datasets") from exc
+    datasets.disable_progress_bars()
+    ds = _open_hf_dataset(datasets, name, split or "train")
+    columns = ds.column_names
+    if columns is None:  # a streamed json dataset learns its columns from its first record
+        first = next(iter(ds), None)
+        columns = [] if first is None else list(first)
+    if text_field not in columns:
+        raise CorpusError(f"data.source hf:{spec}: no column {text_field!r} (columns: {columns}); "
+                          f"set data.text_field to the column holding the text")
+    ds = ds.select_columns([text_field])
+    rows = ds.iter(batch_size=batch_rows) if isinstance(ds, datasets.Dataset) else _batched(ds, batch_rows, text_field)
+    n = 0
+    for batch in rows:
+        for text in batch[text_field]:
+            if isinstance(text, str):
+                stats.records_read += 1
+                yield f"hf:{name}:{split or 'train'}:{n}", text
+            else:
+                stats.drop_empty(f"hf:{name}:{split or 'train'}:row {n}: {text_field} is "
+                                 f"{type(text).__name__}")
+            n += 1
+
+
+def _open_hf_dataset(datasets, name: str, split: str):
+    folder = Path(name)
+    try:
+        if (folder / "dataset_dict.json").is_file():
+            dd = datasets.load_from_disk(str(folder))
+            if split not in dd:
+                raise CorpusError(f"data.source hf:{name}:{split}: no split {split!r} in this "
+                                  f"save_to_disk folder (splits: {sorted(dd)}); write hf:{name}:<split>")
+            return dd[split]
+        if (folder / "state.json").is_file():
+            return datasets.load_from_disk(str(folder))
+        return datasets.load_dataset(str(folder) if folder.is_dir() else name, split=split,
+                                     streaming=True)
+    except CorpusError:
+        raise
+    except Exception as exc:  # datasets raises many types (missing files, network, formats)
+        where = ("this local folder holds neither a save_to_disk dataset nor data files "
+                 "(.parquet/.jsonl/.csv/.txt)" if folder.is_dir() else
+                 "not a local folder, and loading it from the Hub failed (offline? save it with "
+                 "Dataset.save_to_disk where there is network and set data.source: hf:<folder>)")
+        raise CorpusError(f"data.source hf:{name}:{split}: {where}: {type(exc).__name__}: {exc}") from exc
+
+
+def _batched(ds, size: int, text_field: str) -> Iterator[dict]:
+    batch: list = []
+    for record in ds:
+        batch.append(record[text_field])
+        if len(batch) == size:
+            yield {text_field: batch}
+            batch = []
+    if batch:
+        yield {text_field: batch}
 
 
 # ---------------------------------------------------------------- documents
