@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,6 +48,7 @@ class Ordered:
 def run(cfg: Config, out: Path = PREPARED) -> dict:
     """Build ``out`` (tokenizer/, train/, val/, manifest.json); returns the manifest."""
     d = cfg.data
+    clock = [time.perf_counter()]
     with atomic_dir(out) as tmp:
         spill = tmp / ".spill"
         scan = scan_corpus(d.source, d.text_field, d.max_doc_chars, spill / "docs",
@@ -54,7 +56,9 @@ def run(cfg: Config, out: Path = PREPARED) -> dict:
                            sample_chars=d.tokenizer_sample_chars)
         stats = scan.stats
         print(f"corpus {d.source}: {stats.summary()}")
+        clock.append(time.perf_counter())
         ordered = order_documents(scan.partitions, scan.threshold, d.val_fraction, spill / "ordered")
+        clock.append(time.perf_counter())
         total = sum(ordered.documents.values())
         check_split(ordered.documents["train"], ordered.documents["val"], d.val_fraction, d.max_doc_chars)
         print(f"corpus {d.source}: {total} documents ({ordered.documents['train']} train / "
@@ -63,11 +67,13 @@ def run(cfg: Config, out: Path = PREPARED) -> dict:
         sample = {"documents": len(scan.sample), "chars": scan.sample_chars,
                   "limit_chars": d.tokenizer_sample_chars}
         del scan.sample
+        clock.append(time.perf_counter())
         engine = choose_engine(d, ordered.chars)
         print(f"tokenise and pack: {engine} engine")
         splits, index = pack_splits(cfg, engine, ordered.files, encoder_json(tokenizer),
                                     tokenizer.eos_token_id, tmp, spill / "tails")
         shutil.rmtree(spill)
+        clock.append(time.perf_counter())
         manifest = {
             "source": d.source,
             # per-document content hashes (→ origin, offset, split, tokens): what changed between runs
@@ -84,6 +90,8 @@ def run(cfg: Config, out: Path = PREPARED) -> dict:
         write_json(tmp / "manifest.json", manifest)  # the completion marker, written last
     print(f"prepared {splits['train']['blocks']} train / {splits['val']['blocks']} val blocks of "
           f"{d.block_size} tokens, vocabulary {len(tokenizer)}")
+    phases = dict(zip(("scan", "order", "tokenizer", "pack"), (b - a for a, b in zip(clock, clock[1:]))))
+    print("prepare seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()))
     log_to_mlflow(params={"data": dataclasses.asdict(d)},
                   metrics={"documents": {k: manifest["documents"][k] for k in ("total", *SPLITS)},
                            "blocks": {k: v["blocks"] for k, v in splits.items()},

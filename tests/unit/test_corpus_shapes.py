@@ -198,3 +198,30 @@ def test_single_document_split_advice_is_actionable(tmp_path):
     docs, _ = load_documents(str(tmp_path), "text", 1000)
     with pytest.raises(CorpusError, match=r"add documents, or lower data.max_doc_chars \(now 1000\)"):
         split_by_hash(docs, 0.1, 1000)
+
+
+def test_added_documents_leave_the_blocks_of_the_others(tmp_path, monkeypatch):
+    """With a fixed tokenizer, adding documents keeps every full block of the old ones (the
+    label cache relabels only the new documents' blocks and a few tail blocks)."""
+    import shutil
+
+    from distill.blocks import read_blocks
+    from distill.config import build_config
+    from tasks.prepare import run
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(30):
+        (corpus / f"{i:02d}.txt").write_text(book(2500, seed=i))
+    monkeypatch.chdir(tmp_path)
+    data = {"source": str(corpus), "vocab_size": 300, "block_size": 32, "val_fraction": 0.2,
+            "tail_buckets": 8, "max_doc_chars": 1500}
+    run(build_config({"data": data}), tmp_path / "first")
+    shutil.copytree(tmp_path / "first" / "tokenizer", tmp_path / "tok")
+    fixed = {**data, "tokenizer": str(tmp_path / "tok")}
+    before = set(read_blocks(tmp_path / "first" / "train")[0])
+    for i in range(30, 33):
+        (corpus / f"{i:02d}.txt").write_text(book(2500, seed=i))
+    run(build_config({"data": fixed}), tmp_path / "second")
+    after = set(read_blocks(tmp_path / "second" / "train")[0])
+    assert len(before & after) / len(before) > 0.85
