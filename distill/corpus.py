@@ -180,10 +180,11 @@ class _StreamNormaliser:
     ``\\n``, and blank lines are held back until text follows them (so that the trailing
     ones are dropped, like ``strip``)."""
 
-    def __init__(self):
+    def __init__(self, long_line: int = 1 << 22):
         self.partial = ""       # the last, unfinished line
         self.newlines = 0       # line breaks waiting for text
         self.started = False    # text seen (leading blank lines are dropped)
+        self.long_line = long_line  # an unfinished line longer than this is passed on in part
 
     def feed(self, chunk: str, final: bool = False) -> str:
         text, carry = self.partial + chunk, ""
@@ -202,14 +203,30 @@ class _StreamNormaliser:
                 self.started, self.newlines = True, 0
             if not (final and last):
                 self.newlines += 1
+        if len(self.partial) > self.long_line:
+            out.append(self._line_head())
         return "".join(out)
+
+    def _line_head(self) -> str:
+        """Pass on the head of a very long unfinished line (a file without line breaks),
+        cut before an ASCII non-space character: nothing composes with it under NFC, and the
+        head's trailing spaces are inside the line, so ``rstrip`` would keep them too."""
+        k = len(self.partial) - 1
+        while k > 0 and not (self.partial[k].isascii() and not self.partial[k].isspace()):
+            k -= 1
+        if k <= 0:
+            return ""
+        head, self.partial = self.partial[:k], self.partial[k:]
+        out = "\n" * self.newlines if self.started else ""
+        self.started, self.newlines = True, 0
+        return out + unicodedata.normalize("NFC", head)
 
 
 # ---------------------------------------------------------------- reading sources
 
 
-def iter_raw_texts(source: str, text_field: str, stats: CorpusStats,
-                   max_chars: int) -> Iterator[tuple[str, Iterator[str]]]:
+def iter_raw_texts(source: str, text_field: str,
+                   stats: CorpusStats) -> Iterator[tuple[str, Iterator[str]]]:
     """Yield ``(origin, chunks)`` for every raw text of ``source``; ``chunks`` yields the
     text's normalised form in pieces (joined, they are ``normalise(text)``)."""
     if source == "stdlib":
@@ -434,7 +451,7 @@ def iter_documents(source: str, text_field: str, max_chars: int,
                    stats: CorpusStats) -> Iterator[Document]:
     """Every normalised, non-empty text of ``source`` as documents of at most ``max_chars``
     characters (longer ones cut by :func:`split_text`, nothing dropped); not de-duplicated."""
-    for origin, chunks in iter_raw_texts(source, text_field, stats, max_chars):
+    for origin, chunks in iter_raw_texts(source, text_field, stats):
         cutter = _PieceCutter(max_chars)
         pieces = 0
         for chunk in chunks:

@@ -182,13 +182,17 @@ def iter_packed_ray(cfg: Config, files: list[Path], tokenizer_json: str,
     from distill.raylocal import init_ray
 
     init_ray(cfg.ray)
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True   # the packing needs hash order
-    ds = ray.data.read_parquet([str(p) for p in files], shuffle=None)
-    ds = ds.map_batches(tokenise_and_pack, batch_format="pyarrow", batch_size=cfg.data.batch_documents,
-                        fn_kwargs={"tokenizer_json": tokenizer_json, "eos_id": eos_id,
-                                   "block_size": cfg.data.block_size})
-    yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
+    options = ray.data.DataContext.get_current().execution_options
+    kept, options.preserve_order = options.preserve_order, True   # the packing needs hash order
+    try:
+        ds = ray.data.read_parquet([str(p) for p in files], shuffle=None)
+        ds = ds.map_batches(tokenise_and_pack, batch_format="pyarrow",
+                            batch_size=cfg.data.batch_documents,
+                            fn_kwargs={"tokenizer_json": tokenizer_json, "eos_id": eos_id,
+                                       "block_size": cfg.data.block_size})
+        yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
+    finally:
+        options.preserve_order = kept
 
 
 def build_tokenizer(cfg: Config, train_texts: list[str], out_dir: Path):

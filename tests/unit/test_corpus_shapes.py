@@ -86,7 +86,7 @@ def test_streamed_normalise_and_cut_equal_the_whole_text():
     alphabet = ["a", "b", " ", "\t", "\n", "\r", "\r\n", "e\u0301", "\u0301", "x  "]
     for _ in range(2000):
         raw = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 80)))
-        norm, out, i = _StreamNormaliser(), [], 0
+        norm, out, i = _StreamNormaliser(long_line=rng.randint(1, 20)), [], 0
         while i < len(raw):
             k = rng.randint(1, 7)
             out.append(norm.feed(raw[i:i + k]))
