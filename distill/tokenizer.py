@@ -86,4 +86,6 @@ def encode_texts(tokenizer_json: str, texts: list[str]) -> list[list[int]]:
         tok.no_padding()
         _ENCODERS.clear()  # one tokenizer per process at a time
         _ENCODERS[key] = tok
-    return [enc.ids for enc in tok.encode_batch(texts, add_special_tokens=False)]
+    # encode_batch_fast: the same ids without character offsets (~25 % faster here)
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
+    return [enc.ids for enc in encode(texts, add_special_tokens=False)]

@@ -1,6 +1,7 @@
 """Corpora of other shapes: one big file, long documents, bad inputs named by file and line,
 and the streaming pieces (normaliser, cutter, block writer) equal to their in-memory forms."""
 
+import dataclasses
 import json
 import os
 import random
@@ -225,3 +226,34 @@ def test_added_documents_leave_the_blocks_of_the_others(tmp_path, monkeypatch):
     run(build_config({"data": fixed}), tmp_path / "second")
     after = set(read_blocks(tmp_path / "second" / "train")[0])
     assert len(before & after) / len(before) > 0.85
+
+
+def test_streaming_prepare_writes_the_bytes_of_the_in_memory_one(tmp_path, monkeypatch):
+    """The streamed stage = the in-memory path it replaced (load all, split, train the BPE on
+    the train texts, tokenise with the HF tokenizer, pack, write) when no text is cut."""
+    from distill.config import build_config
+    from distill.corpus import split_by_hash
+    from distill.tokenizer import train_bpe
+    from tasks.prepare import run
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(40):
+        (corpus / f"{i:02d}.txt").write_text(book(1500 + 97 * i, seed=i))
+    (corpus / "dup.txt").write_text(book(1500, seed=0))
+    monkeypatch.chdir(tmp_path)
+    d = build_config({"data": {"source": str(corpus), "vocab_size": 300, "block_size": 16,
+                               "val_fraction": 0.2, "tail_buckets": 4, "shard_blocks": 50,
+                               "max_documents": 30, "batch_documents": 3}}).data
+    manifest = run(build_config({"data": dataclasses.asdict(d)}), tmp_path / "stream")
+    docs, _ = load_documents(d.source, d.text_field, d.max_doc_chars, d.max_documents)
+    train, val = split_by_hash(docs, d.val_fraction)
+    tok = train_bpe([doc.text for doc in train], d.vocab_size, tmp_path / "memory" / "tokenizer")
+    for name, split in (("train", train), ("val", val)):
+        ids = tok([doc.text for doc in split], add_special_tokens=False)["input_ids"]
+        blocks = pack_blocks_stable(ids, [doc.sha for doc in split], tok.eos_token_id,
+                                    d.block_size, d.tail_buckets)
+        write_block_shards(blocks, tmp_path / "memory" / name, d.shard_blocks)
+    for part in ("train", "val", "tokenizer"):
+        assert sha256_tree(tmp_path / "stream" / part) == sha256_tree(tmp_path / "memory" / part)
+    assert manifest["documents"]["total"] == 30 and manifest["corpus"]["duplicates"] == 1
