@@ -165,11 +165,20 @@ def pack_splits(cfg: Config, engine: str, files: list[Path], tokenizer_json: str
 
 def iter_packed_local(files: list[Path], tokenizer_json: str, eos_id: int,
                       d: DataConfig) -> Iterator[pa.Table]:
-    """:func:`tokenise_and_pack` over the documents in this process, batch by batch."""
+    """:func:`tokenise_and_pack` over the documents in this process, in batches of
+    ``data.batch_documents`` across the files (small partitions would starve the
+    tokenizer's threads)."""
+    pending, rows = [], 0
     for path in files:
         for batch in pq.ParquetFile(path).iter_batches(batch_size=d.batch_documents):
-            yield tokenise_and_pack(pa.Table.from_batches([batch]), tokenizer_json, eos_id,
-                                    d.block_size)
+            pending.append(batch)
+            rows += batch.num_rows
+            if rows >= d.batch_documents:
+                yield tokenise_and_pack(pa.Table.from_batches(pending), tokenizer_json, eos_id,
+                                        d.block_size)
+                pending, rows = [], 0
+    if pending:
+        yield tokenise_and_pack(pa.Table.from_batches(pending), tokenizer_json, eos_id, d.block_size)
 
 
 def iter_packed_ray(cfg: Config, files: list[Path], tokenizer_json: str,
