@@ -60,7 +60,9 @@ class DataConfig:
     # Data over the cluster's or this machine's cores), "auto" (ray above ray_above_mb).
     engine: str = field(default="auto", metadata=_choice("auto", "local", "ray"))
     ray_above_mb: float = field(default=256.0, metadata=_range(0.0))  # kept text, in MB (10^6 chars)
-    batch_documents: int = field(default=256, metadata=_range(1))     # documents per tokenise batch
+    # Characters per tokenise batch: enough for the tokenizer's threads, bounded since its
+    # encodings cost ~100 bytes a token.
+    batch_chars: int = field(default=2_000_000, metadata=_range(1))
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
 from distill.blocks import DOCUMENT_SCHEMA, StableBlockWriter, iter_packed_rows, tokenise_and_pack
@@ -70,7 +71,7 @@ def run(cfg: Config, out: Path = PREPARED) -> dict:
         clock.append(time.perf_counter())
         engine = choose_engine(d, ordered.chars)
         print(f"tokenise and pack: {engine} engine")
-        splits, index = pack_splits(cfg, engine, ordered.files, encoder_json(tokenizer),
+        splits, index = pack_splits(cfg, engine, ordered, encoder_json(tokenizer),
                                     tokenizer.eos_token_id, tmp, spill / "tails")
         shutil.rmtree(spill)
         clock.append(time.perf_counter())
@@ -135,17 +136,22 @@ def choose_engine(d: DataConfig, chars: int) -> str:
     return "ray" if chars > d.ray_above_mb * 1e6 else "local"
 
 
-def pack_splits(cfg: Config, engine: str, files: list[Path], tokenizer_json: str, eos_id: int,
+def pack_splits(cfg: Config, engine: str, ordered: Ordered, tokenizer_json: str, eos_id: int,
                 out: Path, spill: Path) -> tuple[dict, dict]:
     """Tokenise the hash-ordered documents and pack each split into shards under ``out``;
     returns the splits' manifest entries and the documents' index."""
     d = cfg.data
+    files, chars, documents = ordered.files, ordered.chars, sum(ordered.documents.values())
     writers = {name: StableBlockWriter(out / name, d.block_size, d.shard_blocks, d.tail_buckets,
                                        spill / name) for name in SPLITS}
     tokens = dict.fromkeys(SPLITS, 0)
     index = {}
-    batches = (iter_packed_ray(cfg, files, tokenizer_json, eos_id) if engine == "ray"
-               else iter_packed_local(files, tokenizer_json, eos_id, d))
+    if engine == "ray":
+        # Ray Data batches by rows: as many as make data.batch_chars of an average document
+        rows = max(1, round(d.batch_chars * documents / max(chars, 1)))
+        batches = iter_packed_ray(cfg, files, tokenizer_json, eos_id, rows)
+    else:
+        batches = iter_packed_local(files, tokenizer_json, eos_id, d)
     for table in batches:
         for row, full, tail in iter_packed_rows(table, d.block_size):
             writers[row["split"]].add_document(row["sha"], full, tail)
@@ -165,24 +171,24 @@ def pack_splits(cfg: Config, engine: str, files: list[Path], tokenizer_json: str
 
 def iter_packed_local(files: list[Path], tokenizer_json: str, eos_id: int,
                       d: DataConfig) -> Iterator[pa.Table]:
-    """:func:`tokenise_and_pack` over the documents in this process, in batches of
-    ``data.batch_documents`` across the files (small partitions would starve the
-    tokenizer's threads)."""
-    pending, rows = [], 0
+    """:func:`tokenise_and_pack` over the documents in this process, in batches of about
+    ``data.batch_chars`` characters across the files (small partitions would starve the
+    tokenizer's threads; big batches cost ~100 bytes of encodings per token)."""
+    pending, chars = [], 0
     for path in files:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=d.batch_documents):
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=64):
             pending.append(batch)
-            rows += batch.num_rows
-            if rows >= d.batch_documents:
+            chars += pa.compute.sum(pa.compute.utf8_length(batch.column("text"))).as_py() or 0
+            if chars >= d.batch_chars:
                 yield tokenise_and_pack(pa.Table.from_batches(pending), tokenizer_json, eos_id,
                                         d.block_size)
-                pending, rows = [], 0
+                pending, chars = [], 0
     if pending:
         yield tokenise_and_pack(pa.Table.from_batches(pending), tokenizer_json, eos_id, d.block_size)
 
 
-def iter_packed_ray(cfg: Config, files: list[Path], tokenizer_json: str,
-                    eos_id: int) -> Iterator[pa.Table]:
+def iter_packed_ray(cfg: Config, files: list[Path], tokenizer_json: str, eos_id: int,
+                    rows_per_batch: int) -> Iterator[pa.Table]:
     """:func:`tokenise_and_pack` on Ray Data (``read_parquet`` → ``map_batches``), results
     in the documents' order. The files must be readable by every node (shared storage on
     a cluster; a local Ray on this machine always can)."""
@@ -196,7 +202,7 @@ def iter_packed_ray(cfg: Config, files: list[Path], tokenizer_json: str,
     try:
         ds = ray.data.read_parquet([str(p) for p in files], shuffle=None)
         ds = ds.map_batches(tokenise_and_pack, batch_format="pyarrow",
-                            batch_size=cfg.data.batch_documents,
+                            batch_size=rows_per_batch,
                             fn_kwargs={"tokenizer_json": tokenizer_json, "eos_id": eos_id,
                                        "block_size": cfg.data.block_size})
         yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)

@@ -33,10 +33,10 @@ def test_ray_engine_writes_the_same_bytes(tmp_path, monkeypatch, shared_ray):
     write_corpus(corpus)
     monkeypatch.chdir(tmp_path)
     base = {"source": str(corpus), "vocab_size": 400, "block_size": 32, "shard_blocks": 64,
-            "val_fraction": 0.2, "tail_buckets": 4, "max_doc_chars": 3000, "batch_documents": 7}
+            "val_fraction": 0.2, "tail_buckets": 4, "max_doc_chars": 3000, "batch_chars": 5000}
     local = run(build_config({"data": {**base, "engine": "local"}}), tmp_path / "local")
     try:
-        on_ray = run(build_config({"data": {**base, "engine": "ray", "batch_documents": 5}}),
+        on_ray = run(build_config({"data": {**base, "engine": "ray", "batch_chars": 3000}}),
                      tmp_path / "ray")
     finally:
         ray.shutdown()

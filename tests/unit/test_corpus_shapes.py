@@ -244,7 +244,7 @@ def test_streaming_prepare_writes_the_bytes_of_the_in_memory_one(tmp_path, monke
     monkeypatch.chdir(tmp_path)
     d = build_config({"data": {"source": str(corpus), "vocab_size": 300, "block_size": 16,
                                "val_fraction": 0.2, "tail_buckets": 4, "shard_blocks": 50,
-                               "max_documents": 30, "batch_documents": 3}}).data
+                               "max_documents": 30, "batch_chars": 4000}}).data
     manifest = run(build_config({"data": dataclasses.asdict(d)}), tmp_path / "stream")
     docs, _ = load_documents(d.source, d.text_field, d.max_doc_chars, d.max_documents)
     train, val = split_by_hash(docs, d.val_fraction)
