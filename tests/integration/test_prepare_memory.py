@@ -13,10 +13,10 @@ import pytest
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
-# The bound: the in-memory prepare this replaced needed ~130 bytes per token (~6.5 GB here).
+# The bound: the in-memory prepare this replaced needed ~130 bytes per token (~13 GB here: 100 M tokens).
 # What remains is the interpreter with tokenizers/pyarrow (~250 MB), the tokenizer sample
 # (20 MB of text) and its BPE training, a partition of the corpus, the hashes and the index.
-PEAK_RSS_MB = 1000  # measured 442 MB (2 cores, 2026-11-29)
+PEAK_RSS_MB = 1000  # measured 442 and 498 MB (2 shared cores, 2026-11-29)
 
 
 def write_word_corpus(folder: Path, megabytes: int, seed: int = 0) -> int:
