@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute  # noqa: F401  (pa.compute)
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from distill.blocks import DOCUMENT_SCHEMA, StableBlockWriter, iter_packed_rows, tokenise_and_pack
@@ -178,7 +178,7 @@ def iter_packed_local(files: list[Path], tokenizer_json: str, eos_id: int,
     for path in files:
         for batch in pq.ParquetFile(path).iter_batches(batch_size=64):
             pending.append(batch)
-            chars += pa.compute.sum(pa.compute.utf8_length(batch.column("text"))).as_py() or 0
+            chars += pc.sum(pc.utf8_length(batch.column("text"))).as_py() or 0
             if chars >= d.batch_chars:
                 yield tokenise_and_pack(pa.Table.from_batches(pending), tokenizer_json, eos_id,
                                         d.block_size)
