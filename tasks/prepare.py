@@ -54,7 +54,7 @@ def run(cfg: Config, out: Path = PREPARED) -> dict:
         spill = tmp / ".spill"
         scan = scan_corpus(d.source, d.text_field, d.max_doc_chars, spill / "docs",
                            max_documents=d.max_documents, val_fraction=d.val_fraction,
-                           sample_chars=d.tokenizer_sample_chars)
+                           sample_chars=d.tokenizer_sample_chars if d.tokenizer == "bpe" else 0)
         stats = scan.stats
         print(f"corpus {d.source}: {stats.summary()}")
         clock.append(time.perf_counter())
@@ -65,9 +65,9 @@ def run(cfg: Config, out: Path = PREPARED) -> dict:
         print(f"corpus {d.source}: {total} documents ({ordered.documents['train']} train / "
               f"{ordered.documents['val']} val, {ordered.chars:,} characters)")
         tokenizer = build_tokenizer(cfg, scan.sample, tmp / "tokenizer")
-        sample = {"documents": len(scan.sample), "chars": scan.sample_chars,
-                  "limit_chars": d.tokenizer_sample_chars}
-        del scan.sample
+        sample = ({"documents": len(scan.sample), "chars": scan.sample_chars,
+                   "limit_chars": d.tokenizer_sample_chars} if d.tokenizer == "bpe" else None)
+        scan.sample = []  # the BPE is trained: free the sample before packing
         clock.append(time.perf_counter())
         engine = choose_engine(d, ordered.chars)
         print(f"tokenise and pack: {engine} engine")
