@@ -23,7 +23,7 @@ $(BIN)/python:
 # would pull a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,hf]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -92,18 +92,98 @@ def block_id(block: np.ndarray) -> str:
 def write_block_shards(blocks: np.ndarray, out_dir: Path, shard_blocks: int) -> list[dict]:
     """Write ``blocks`` as ``shard-XXXXX.parquet`` files; return one manifest entry per shard."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    entries = []
-    for start in range(0, len(blocks), shard_blocks):
-        chunk = blocks[start:start + shard_blocks]
-        ids = [block_id(b) for b in chunk]
-        table = pa.table({"block_id": ids,
-                          "input_ids": pa.array(list(chunk), type=pa.list_(pa.int32()))},
-                         schema=BLOCK_SCHEMA)
-        name = f"shard-{start // shard_blocks:05d}.parquet"
-        pq.write_table(table, out_dir / name, **PARQUET_OPTIONS)
-        entries.append({"file": name, "blocks": len(chunk),
-                        "hash": sha256_bytes("".join(ids).encode())})
-    return entries
+    return [write_shard(blocks[start:start + shard_blocks], out_dir, start // shard_blocks)
+            for start in range(0, len(blocks), shard_blocks)]
+
+
+def write_shard(chunk: np.ndarray, out_dir: Path, index: int, ids: list[str] | None = None) -> dict:
+    """Write one ``shard-XXXXX.parquet`` of ``chunk`` (``[n, block_size]``); its manifest entry."""
+    ids = ids if ids is not None else [block_id(b) for b in chunk]
+    table = pa.table({"block_id": ids,
+                      "input_ids": pa.array(list(chunk), type=pa.list_(pa.int32()))},
+                     schema=BLOCK_SCHEMA)
+    name = f"shard-{index:05d}.parquet"
+    pq.write_table(table, out_dir / name, **PARQUET_OPTIONS)
+    return {"file": name, "blocks": len(chunk), "hash": sha256_bytes("".join(ids).encode())}
+
+
+def document_blocks(tokens, eos_id: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """One document's tokens + EOS as ``(full blocks [n, block_size], tail)`` int32: the
+    blocks it gives on its own, and the leftover (shorter than a block) for its tail bucket."""
+    stream = _eos_stream([tokens], eos_id)
+    n = stream.size // block_size
+    return stream[: n * block_size].reshape(n, block_size), stream[n * block_size:]
+
+
+def tail_bucket(doc_hash: str, tail_buckets: int) -> int:
+    """The tail bucket of a document (by its hash, so added documents disturb few buckets)."""
+    return int(doc_hash[8:16], 16) % tail_buckets
+
+
+class StableBlockWriter:
+    """:func:`pack_blocks_stable` + :func:`write_block_shards` for a stream of documents
+    that arrives in hash order, in bounded memory: full blocks go to shards as they fill,
+    tails to one spill file per bucket, and only the ids of the blocks written (to drop
+    repeats) grow with the corpus. The shards are byte for byte those of the in-memory pair.
+    """
+
+    def __init__(self, out_dir: Path, block_size: int, shard_blocks: int, tail_buckets: int,
+                 spill_dir: Path):
+        self.out_dir, self.block_size, self.shard_blocks = out_dir, block_size, shard_blocks
+        out_dir.mkdir(parents=True, exist_ok=True)
+        spill_dir.mkdir(parents=True, exist_ok=True)
+        self.tail_paths = [spill_dir / f"tails-{i:05d}.bin" for i in range(tail_buckets)]
+        self.tail_files = [open(p, "wb") for p in self.tail_paths]
+        self.seen: set[str] = set()
+        self.pending: list[np.ndarray] = []
+        self.pending_ids: list[str] = []
+        self.shards: list[dict] = []
+        self.last_hash = ""
+
+    def add_document(self, doc_hash: str, full: np.ndarray, tail: np.ndarray) -> None:
+        """One document's full blocks and tail (:func:`document_blocks`); hashes must rise."""
+        if doc_hash <= self.last_hash:
+            raise ValueError(f"documents out of hash order: {doc_hash} after {self.last_hash}")
+        self.last_hash = doc_hash
+        self.add_blocks(full)
+        if tail.size:
+            self.tail_files[tail_bucket(doc_hash, len(self.tail_files))].write(
+                np.ascontiguousarray(tail, dtype=np.int32).tobytes())
+
+    def add_blocks(self, blocks: np.ndarray) -> None:
+        """Append blocks (repeats of blocks already written are dropped), writing full shards."""
+        for block in blocks:
+            bid = block_id(block)
+            if bid in self.seen:
+                continue
+            self.seen.add(bid)
+            self.pending.append(block)
+            self.pending_ids.append(bid)
+            if len(self.pending) == self.shard_blocks:
+                self._flush()
+
+    def finish(self) -> list[dict]:
+        """Pack the tail buckets, write the last shard; the shards' manifest entries."""
+        for f in self.tail_files:
+            f.close()
+        for path in self.tail_paths:
+            joined = np.fromfile(path, dtype=np.int32)
+            path.unlink()
+            n = joined.size // self.block_size
+            self.add_blocks(joined[: n * self.block_size].reshape(n, self.block_size))
+        if self.pending:
+            self._flush()
+        return self.shards
+
+    @property
+    def blocks(self) -> int:
+        """Blocks written or pending so far."""
+        return len(self.seen)
+
+    def _flush(self) -> None:
+        chunk = np.stack(self.pending).astype(np.int32, copy=False)
+        self.shards.append(write_shard(chunk, self.out_dir, len(self.shards), self.pending_ids))
+        self.pending, self.pending_ids = [], []
 
 
 def shard_paths(split_dir: str | Path) -> list[Path]:
@@ -137,3 +217,46 @@ def iter_shard_blocks(path: Path) -> Iterator[tuple[list[str], np.ndarray]]:
     ids = table.column("block_id").to_pylist()
     flat = table.column("input_ids").combine_chunks().flatten().to_numpy()
     yield ids, flat.reshape(len(ids), -1).astype(np.int32, copy=False)
+
+
+DOCUMENT_SCHEMA = pa.schema([("sha", pa.string()), ("origin", pa.string()), ("offset", pa.int64()),
+                             ("split", pa.string()), ("text", pa.string())])
+
+
+def tokenise_and_pack(batch: pa.Table, tokenizer_json: str, eos_id: int, block_size: int) -> pa.Table:
+    """Documents (:data:`DOCUMENT_SCHEMA`) → each one's token count, full blocks (flat)
+    and tail (:func:`document_blocks`). Per document, so it gives the same rows however
+    the documents are batched: the in-process and the Ray Data engines share it."""
+    from distill.tokenizer import encode_texts
+
+    token_lists = encode_texts(tokenizer_json, batch.column("text").to_pylist())
+    full, tails = [], []
+    for toks in token_lists:
+        blocks, tail = document_blocks(toks, eos_id, block_size)
+        full.append(blocks.reshape(-1))
+        tails.append(tail)
+    return pa.table({
+        "sha": batch.column("sha"), "origin": batch.column("origin"),
+        "offset": batch.column("offset"), "split": batch.column("split"),
+        "tokens": pa.array([len(t) for t in token_lists], pa.int64()),
+        "full": _list_array(full), "tail": _list_array(tails)})
+
+
+def _list_array(arrays: list[np.ndarray]) -> pa.Array:
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
+    np.cumsum([a.size for a in arrays], out=offsets[1:])
+    values = np.concatenate(arrays) if arrays else np.empty(0, np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.astype(np.int32, copy=False)))
+
+
+def iter_packed_rows(table: pa.Table, block_size: int) -> Iterator[tuple[dict, np.ndarray, np.ndarray]]:
+    """The rows of a :func:`tokenise_and_pack` table as ``(fields, full blocks, tail)``."""
+    fields = table.select(["sha", "origin", "offset", "split", "tokens"]).to_pylist()
+    columns = []
+    for name in ("full", "tail"):
+        col = table.column(name).combine_chunks()
+        columns.append((col.offsets.to_numpy(), col.values.to_numpy(zero_copy_only=False)))
+    (f_off, f_val), (t_off, t_val) = columns
+    for i, row in enumerate(fields):
+        yield (row, f_val[f_off[i]:f_off[i + 1]].reshape(-1, block_size),
+               t_val[t_off[i]:t_off[i + 1]])

@@ -40,7 +40,9 @@ class DataConfig:
     source: str = "stdlib"
     text_field: str = field(default="text", metadata={})
     max_documents: int = field(default=0, metadata=_range(0))  # 0 = all
-    max_doc_chars: int = field(default=200_000, metadata=_range(1))
+    # The piece size: a longer text (a big file, a long record) is cut at paragraph
+    # boundaries into documents of at most this many characters; nothing is dropped.
+    max_doc_chars: int = field(default=200_000, metadata=_range(64))
     val_fraction: float = field(default=0.05, metadata=_range(0.0, 0.5, lo_open=True))
     # "bpe" trains a byte-level BPE here; anything else is a local HF tokenizer path.
     tokenizer: str = "bpe"
@@ -51,6 +53,16 @@ class DataConfig:
     # an added document changes only tail blocks of its bucket (more buckets: fewer relabeled
     # blocks, more dropped remainders — each bucket's last partial block).
     tail_buckets: int = field(default=16, metadata=_range(1, 1_000_000))
+    # The BPE trains on the train documents in hash order up to this many characters (a
+    # deterministic sample; the whole train split of a small corpus).
+    tokenizer_sample_chars: int = field(default=20_000_000, metadata=_range(1000))
+    # Tokenise-and-pack engine: "local" (this process, the tokenizer's threads), "ray" (Ray
+    # Data over the cluster's or this machine's cores), "auto" (ray above ray_above_mb).
+    engine: str = field(default="auto", metadata=_choice("auto", "local", "ray"))
+    ray_above_mb: float = field(default=256.0, metadata=_range(0.0))  # kept text, in MB (10^6 chars)
+    # Characters per tokenise batch: enough for the tokenizer's threads, bounded since its
+    # encodings cost ~100 bytes a token.
+    batch_chars: int = field(default=2_000_000, metadata=_range(1))
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from distill.io import sha256_file
+from distill.io import sha256_bytes, sha256_file
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -62,3 +62,30 @@ def tokenizer_hash(tokenizer_dir: str | Path) -> str:
 def vocab_table(tokenizer) -> dict[str, int]:
     """Token → id, specials included."""
     return dict(tokenizer.get_vocab())
+
+
+def encoder_json(tokenizer) -> str:
+    """The tokenizer's rules as a JSON string (what :func:`encode_texts` needs): small,
+    picklable, so Ray workers on other nodes encode with exactly the same rules."""
+    return tokenizer.backend_tokenizer.to_str()
+
+
+_ENCODERS: dict[str, object] = {}
+
+
+def encode_texts(tokenizer_json: str, texts: list[str]) -> list[list[int]]:
+    """Token ids of ``texts`` without special tokens: the same ids as calling the HF fast
+    tokenizer with ``add_special_tokens=False``, through its Rust batch encoder."""
+    from tokenizers import Tokenizer
+
+    key = sha256_bytes(tokenizer_json.encode())
+    tok = _ENCODERS.get(key)
+    if tok is None:
+        tok = Tokenizer.from_str(tokenizer_json)
+        tok.no_truncation()
+        tok.no_padding()
+        _ENCODERS.clear()  # one tokenizer per process at a time
+        _ENCODERS[key] = tok
+    # encode_batch_fast: the same ids without character offsets (~25 % faster here)
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
+    return [enc.ids for enc in encode(texts, add_special_tokens=False)]

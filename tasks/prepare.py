@@ -1,54 +1,213 @@
 """Stage ``prepare``: raw corpus → tokenizer + train/val token blocks (parquet) + manifest.
 
-Deterministic: the same corpus and ``data`` params give the same bytes.
+Deterministic: the same corpus and ``data`` params give the same bytes. Streaming, in
+memory bounded by a partition of the corpus, the tokenizer sample and the hashes:
+
+1. scan: read, normalise, cut long texts into pieces, exact-dedup by hash, spill each
+   document to the partition of its hash (:func:`distill.corpus.scan_corpus`);
+2. order: each partition sorted by hash, the ``max_documents`` subset and the split
+   decided, written as parquet (hash order = file order);
+3. train the tokenizer on the bounded sample the scan kept;
+4. tokenise and pack (:func:`distill.blocks.tokenise_and_pack`), in this process or on
+   Ray Data (``data.engine``): documents arrive in hash order and the writers pack them
+   exactly as :func:`distill.blocks.pack_blocks_stable` would, shards written as they fill.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import shutil
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from distill.blocks import pack_blocks_stable, write_block_shards
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from distill.blocks import DOCUMENT_SCHEMA, StableBlockWriter, iter_packed_rows, tokenise_and_pack
 from distill.config import Config, DataConfig
-from distill.corpus import load_documents, split_by_hash
-from distill.io import atomic_dir, sha256_bytes, write_json
-from distill.tokenizer import load_tokenizer, tokenizer_hash, train_bpe
+from distill.corpus import check_split, is_val, iter_partition, scan_corpus
+from distill.io import atomic_dir, write_json
+from distill.tokenizer import encoder_json, load_tokenizer, tokenizer_hash, train_bpe
 from tasks.common import PREPARED, log_to_mlflow, stage_main
+
+SPLITS = ("train", "val")
+
+
+@dataclasses.dataclass
+class Ordered:
+    """The documents kept, as hash-ordered parquet files, and their counts."""
+
+    files: list[Path]
+    documents: dict[str, int]
+    chars: int
+    documents_hash: str
 
 
 def run(cfg: Config, out: Path = PREPARED) -> dict:
     """Build ``out`` (tokenizer/, train/, val/, manifest.json); returns the manifest."""
     d = cfg.data
-    docs, stats = load_documents(d.source, d.text_field, d.max_doc_chars, d.max_documents)
-    train_docs, val_docs = split_by_hash(docs, d.val_fraction)
-    print(f"corpus {d.source}: {len(docs)} documents ({len(train_docs)} train / {len(val_docs)} val), "
-          f"{stats.duplicates} duplicates dropped, {len(stats.undecodable)} undecodable files skipped")
+    clock = [time.perf_counter()]
     with atomic_dir(out) as tmp:
-        tokenizer = build_tokenizer(cfg, [doc.text for doc in train_docs], tmp / "tokenizer")
-        splits, index = {}, {}
-        for name, split_docs in (("train", train_docs), ("val", val_docs)):
-            splits[name], index[name] = write_split(tokenizer, split_docs, d, tmp / name)
+        spill = tmp / ".spill"
+        scan = scan_corpus(d.source, d.text_field, d.max_doc_chars, spill / "docs",
+                           max_documents=d.max_documents, val_fraction=d.val_fraction,
+                           sample_chars=d.tokenizer_sample_chars if d.tokenizer == "bpe" else 0)
+        stats = scan.stats
+        print(f"corpus {d.source}: {stats.summary()}")
+        clock.append(time.perf_counter())
+        ordered = order_documents(scan.partitions, scan.threshold, d.val_fraction, spill / "ordered")
+        clock.append(time.perf_counter())
+        total = sum(ordered.documents.values())
+        check_split(ordered.documents["train"], ordered.documents["val"], d.val_fraction, d.max_doc_chars)
+        print(f"corpus {d.source}: {total} documents ({ordered.documents['train']} train / "
+              f"{ordered.documents['val']} val, {ordered.chars:,} characters)")
+        tokenizer = build_tokenizer(cfg, scan.sample, tmp / "tokenizer")
+        sample = ({"documents": len(scan.sample), "chars": scan.sample_chars,
+                   "limit_chars": d.tokenizer_sample_chars} if d.tokenizer == "bpe" else None)
+        scan.sample = []  # the BPE is trained: free the sample before packing
+        clock.append(time.perf_counter())
+        engine = choose_engine(d, ordered.chars)
+        print(f"tokenise and pack: {engine} engine")
+        splits, index = pack_splits(cfg, engine, ordered, encoder_json(tokenizer),
+                                    tokenizer.eos_token_id, tmp, spill / "tails")
+        shutil.rmtree(spill)
+        clock.append(time.perf_counter())
         manifest = {
             "source": d.source,
-            # per-document content hashes (→ origin, split, tokens): what changed between runs
-            "documents": {"total": len(docs), "train": len(train_docs), "val": len(val_docs),
-                          "hashes": {**index["train"], **index["val"]}},
-            "documents_hash": sha256_bytes("".join(doc.sha for doc in docs).encode()),
-            "corpus": {**dataclasses.asdict(stats), "undecodable_count": len(stats.undecodable)},
+            # per-document content hashes (→ origin, offset, split, tokens): what changed between runs
+            "documents": {"total": total, **ordered.documents, "hashes": index},
+            "documents_hash": ordered.documents_hash,
+            "corpus": dataclasses.asdict(stats),
             "tokenizer": {"hash": tokenizer_hash(tmp / "tokenizer"), "vocab_size": len(tokenizer),
-                          "eos_id": tokenizer.eos_token_id, "pad_id": tokenizer.pad_token_id},
+                          "eos_id": tokenizer.eos_token_id, "pad_id": tokenizer.pad_token_id,
+                          "sample": sample},
+            "engine": engine,
             "block_size": d.block_size,
             "splits": splits,
         }
         write_json(tmp / "manifest.json", manifest)  # the completion marker, written last
     print(f"prepared {splits['train']['blocks']} train / {splits['val']['blocks']} val blocks of "
           f"{d.block_size} tokens, vocabulary {len(tokenizer)}")
+    phases = dict(zip(("scan", "order", "tokenizer", "pack"), (b - a for a, b in zip(clock, clock[1:]))))
+    print("prepare seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()))
     log_to_mlflow(params={"data": dataclasses.asdict(d)},
-                  metrics={"documents": {k: manifest["documents"][k] for k in ("total", "train", "val")},
+                  metrics={"documents": {k: manifest["documents"][k] for k in ("total", *SPLITS)},
                            "blocks": {k: v["blocks"] for k, v in splits.items()},
                            "tokens": {k: v["tokens"] for k, v in splits.items()},
-                           "undecodable": len(stats.undecodable), "duplicates": stats.duplicates})
+                           "undecodable": stats.undecodable_count, "duplicates": stats.duplicates,
+                           "empty": stats.empty, "split_texts": stats.split_texts})
     return manifest
+
+
+def order_documents(partitions: list[Path], threshold: str, val_fraction: float,
+                    out_dir: Path) -> Ordered:
+    """Each spill partition sorted by hash, with its split, as one parquet file (one
+    partition in memory at a time); the files in order hold the documents in hash order."""
+    out_dir.mkdir(parents=True)
+    files, counts, chars = [], dict.fromkeys(SPLITS, 0), 0
+    digest = hashlib.sha256()   # over the kept hashes in order: the documents' identity
+    for i, part in enumerate(partitions):
+        docs = list(iter_partition(part, threshold))
+        part.unlink()
+        if not docs:
+            continue
+        split = ["val" if is_val(doc.sha, val_fraction) else "train" for doc in docs]
+        for name in split:
+            counts[name] += 1
+        for doc in docs:
+            digest.update(doc.sha.encode())
+            chars += len(doc.text)
+        table = pa.table({"sha": [doc.sha for doc in docs], "origin": [doc.origin for doc in docs],
+                          "offset": [doc.offset for doc in docs], "split": split,
+                          "text": [doc.text for doc in docs]}, schema=DOCUMENT_SCHEMA)
+        del docs
+        files.append(out_dir / f"docs-{i:03d}.parquet")
+        pq.write_table(table, files[-1], compression="none", row_group_size=1024)
+    return Ordered(files=files, documents=counts, chars=chars, documents_hash=digest.hexdigest())
+
+
+def choose_engine(d: DataConfig, chars: int) -> str:
+    """``data.engine``, with ``auto`` = Ray Data above ``data.ray_above_mb`` of text."""
+    if d.engine != "auto":
+        return d.engine
+    return "ray" if chars > d.ray_above_mb * 1e6 else "local"
+
+
+def pack_splits(cfg: Config, engine: str, ordered: Ordered, tokenizer_json: str, eos_id: int,
+                out: Path, spill: Path) -> tuple[dict, dict]:
+    """Tokenise the hash-ordered documents and pack each split into shards under ``out``;
+    returns the splits' manifest entries and the documents' index."""
+    d = cfg.data
+    files, chars, documents = ordered.files, ordered.chars, sum(ordered.documents.values())
+    writers = {name: StableBlockWriter(out / name, d.block_size, d.shard_blocks, d.tail_buckets,
+                                       spill / name) for name in SPLITS}
+    tokens = dict.fromkeys(SPLITS, 0)
+    index = {}
+    if engine == "ray":
+        # Ray Data batches by rows: as many as make data.batch_chars of an average document
+        rows = max(1, round(d.batch_chars * documents / max(chars, 1)))
+        batches = iter_packed_ray(cfg, files, tokenizer_json, eos_id, rows)
+    else:
+        batches = iter_packed_local(files, tokenizer_json, eos_id, d)
+    for table in batches:
+        for row, full, tail in iter_packed_rows(table, d.block_size):
+            writers[row["split"]].add_document(row["sha"], full, tail)
+            tokens[row["split"]] += row["tokens"] + 1
+            index[row["sha"]] = {"origin": row["origin"], "offset": row["offset"],
+                                 "split": row["split"], "tokens": row["tokens"]}
+    splits = {}
+    for name, writer in writers.items():
+        shards = writer.finish()
+        if writer.blocks == 0:
+            raise ValueError(f"data.block_size: the {name} split has {tokens[name]} tokens, less "
+                             f"than one block of {d.block_size}; lower data.block_size or add text")
+        splits[name] = {"documents": sum(1 for v in index.values() if v["split"] == name),
+                        "tokens": tokens[name], "blocks": writer.blocks, "shards": shards}
+    return splits, index
+
+
+def iter_packed_local(files: list[Path], tokenizer_json: str, eos_id: int,
+                      d: DataConfig) -> Iterator[pa.Table]:
+    """:func:`tokenise_and_pack` over the documents in this process, in batches of about
+    ``data.batch_chars`` characters across the files (small partitions would starve the
+    tokenizer's threads; big batches cost ~100 bytes of encodings per token)."""
+    pending, chars = [], 0
+    for path in files:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=64):
+            pending.append(batch)
+            chars += pc.sum(pc.utf8_length(batch.column("text"))).as_py() or 0
+            if chars >= d.batch_chars:
+                yield tokenise_and_pack(pa.Table.from_batches(pending), tokenizer_json, eos_id,
+                                        d.block_size)
+                pending, chars = [], 0
+    if pending:
+        yield tokenise_and_pack(pa.Table.from_batches(pending), tokenizer_json, eos_id, d.block_size)
+
+
+def iter_packed_ray(cfg: Config, files: list[Path], tokenizer_json: str, eos_id: int,
+                    rows_per_batch: int) -> Iterator[pa.Table]:
+    """:func:`tokenise_and_pack` on Ray Data (``read_parquet`` → ``map_batches``), results
+    in the documents' order. The files must be readable by every node (shared storage on
+    a cluster; a local Ray on this machine always can)."""
+    import ray
+
+    from distill.raylocal import init_ray
+
+    init_ray(cfg.ray)
+    options = ray.data.DataContext.get_current().execution_options
+    kept, options.preserve_order = options.preserve_order, True   # the packing needs hash order
+    try:
+        ds = ray.data.read_parquet([str(p) for p in files], shuffle=None)
+        ds = ds.map_batches(tokenise_and_pack, batch_format="pyarrow",
+                            batch_size=rows_per_batch,
+                            fn_kwargs={"tokenizer_json": tokenizer_json, "eos_id": eos_id,
+                                       "block_size": cfg.data.block_size})
+        yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
+    finally:
+        options.preserve_order = kept
 
 
 def build_tokenizer(cfg: Config, train_texts: list[str], out_dir: Path):
@@ -58,22 +217,6 @@ def build_tokenizer(cfg: Config, train_texts: list[str], out_dir: Path):
     tok = load_tokenizer(cfg.data.tokenizer, cfg.teacher.trust_remote_code)
     tok.save_pretrained(str(out_dir))
     return tok
-
-
-def write_split(tokenizer, docs, d: DataConfig, out_dir: Path) -> tuple[dict, dict]:
-    """Tokenise, pack (stable under added documents) and write one split; returns its
-    manifest entry and its documents' index (hash → origin, split, tokens)."""
-    token_lists = tokenizer([doc.text for doc in docs], add_special_tokens=False)["input_ids"]
-    blocks = pack_blocks_stable(token_lists, [doc.sha for doc in docs], tokenizer.eos_token_id,
-                                d.block_size, d.tail_buckets)
-    if len(blocks) == 0:
-        raise ValueError(f"data.block_size: {out_dir.name} split has "
-                         f"{sum(map(len, token_lists))} tokens, less than one block of {d.block_size}")
-    shards = write_block_shards(blocks, out_dir, d.shard_blocks)
-    index = {doc.sha: {"origin": doc.origin, "split": out_dir.name, "tokens": len(toks)}
-             for doc, toks in zip(docs, token_lists)}
-    return ({"documents": len(docs), "tokens": int(sum(len(t) + 1 for t in token_lists)),
-             "blocks": int(len(blocks)), "shards": shards}, index)
 
 
 def main() -> None:

@@ -34,7 +34,8 @@ def test_documents_dedup_and_count_undecodable(corpus):
     docs, stats = load_documents(str(corpus), "text", 10_000)
     assert len(docs) == len(TEXTS)
     assert stats.duplicates == 1 and stats.empty == 1
-    assert stats.undecodable == [str(corpus / "bad.txt")]
+    assert stats.undecodable == [f"{corpus / 'bad.txt'}:1: not UTF-8 (invalid start byte)"]
+    assert stats.undecodable_count == 1 and stats.empty_examples == [f"{corpus / 'empty.txt'}: empty"]
     assert [d.sha for d in docs] == sorted(d.sha for d in docs)
 
 

@@ -1,0 +1,173 @@
+"""Prepare at scale: wall time, MB/s and peak RSS of ``prepare`` (in-process and Ray Data
+engines) on generated corpora of 10 MB, 100 MB and 1 GB, against the tokenizer's own
+batch-encode throughput on the same text (the limit of tokenise-and-pack).
+
+Each corpus is generated deterministically (seeded word list: a fifth of it in four big
+files that prepare cuts into pieces, the rest in 100 kB files). Each prepare runs in a
+subprocess of its own so that its peak RSS (``ru_maxrss``) is its own; for the Ray engine
+that is the driver's, and the Ray workers' peak (sampled) is printed beside it. The raw
+encode runs in this process with the tokenizer that prepare trained, over the corpus's
+files in batches (the Rust encoder's threads, as in the in-process engine).
+
+    python benchmarks/prepare_scale.py                     # 10 and 100 MB, both engines
+    python benchmarks/prepare_scale.py --sizes 10 100 1000 --engines local ray
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+RUN_PREPARE = """
+import json, resource, sys
+from pathlib import Path
+from distill.config import build_config
+from tasks.prepare import run
+cfg = build_config({"data": {"source": sys.argv[1], "engine": sys.argv[3]}})
+m = run(cfg, Path(sys.argv[2]))
+print("RESULT " + json.dumps({"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                              "chars": m["corpus"]["chars"],
+                              "tokens": sum(s["tokens"] for s in m["splits"].values())}))
+"""
+
+
+def write_word_corpus(folder: Path, megabytes: int, seed: int = 0) -> int:
+    """A seeded corpus of about ``megabytes`` MB (four big files holding a fifth, the rest
+    in 100 kB files); returns its size in bytes."""
+    rng = random.Random(seed)
+    words = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9)))
+             for _ in range(5000)]
+    folder.mkdir(parents=True)
+    total, target, i = 0, megabytes * 1_000_000, 0
+    while total < target:
+        size = target // 20 if i < 4 else 100_000
+        lines, n = [], 0
+        while n < size:
+            line = " ".join(rng.choices(words, k=rng.randint(3, 15)))
+            lines.append(line + ("\n\n" if rng.random() < 0.2 else "\n"))
+            n += len(line) + 1
+        data = "".join(lines).encode()
+        (folder / f"f{i:05d}.txt").write_bytes(data)
+        total, i = total + len(data), i + 1
+    return total
+
+
+class WorkerPeak:
+    """Samples the summed RSS of the processes below ``pid`` (the local Ray that a prepare
+    starts: its GCS, raylet and workers), not counting ``pid`` itself."""
+
+    def __init__(self, pid: int):
+        self.pid, self.peak, self.stop = pid, 0, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+    def _run(self):
+        import psutil
+
+        while not self.stop.wait(0.5):
+            total = 0
+            try:
+                children = psutil.Process(self.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                return
+            for child in children:
+                try:
+                    total += child.memory_info().rss
+                except psutil.NoSuchProcess:
+                    continue
+            self.peak = max(self.peak, total)
+
+
+def run_prepare(corpus: Path, out: Path, engine: str) -> dict:
+    """One prepare in a subprocess: wall time, its peak RSS, phase times."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", RUN_PREPARE, str(corpus), str(out), engine],
+                            cwd=out.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    with WorkerPeak(proc.pid) as workers:
+        stdout, stderr = proc.communicate()
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"prepare ({engine}) failed:\n{stderr[-3000:]}")
+    result = json.loads(stdout.split("RESULT ", 1)[1].splitlines()[0])
+    phases = dict(re.findall(r"(\w+) ([\d.]+)", stdout.split("prepare seconds: ", 1)[1].splitlines()[0]))
+    return {**result, "wall_s": wall, "phases": {k: float(v) for k, v in phases.items()},
+            "ray_workers_mb": workers.peak / 2**20}
+
+
+def raw_encode_seconds(corpus: Path, tokenizer_dir: Path, batch_bytes: int = 8_000_000) -> float:
+    """The tokenizer's own batch encode over the corpus text (files in batches of ~8 MB)."""
+    from distill.tokenizer import encode_texts, encoder_json, load_tokenizer
+
+    tok_json = encoder_json(load_tokenizer(tokenizer_dir))
+    encode_texts(tok_json, ["warm up"])
+    seconds, batch, size = 0.0, [], 0
+    files = sorted(corpus.iterdir())
+    for i, path in enumerate(files):
+        text = path.read_text()
+        # big files in 200 000-character pieces, as prepare sees them (one huge string
+        # would use a single thread)
+        batch += [text[j:j + 200_000] for j in range(0, len(text), 200_000)]
+        size += len(text)
+        if size >= batch_bytes or i == len(files) - 1:
+            t0 = time.perf_counter()
+            encode_texts(tok_json, batch)
+            seconds += time.perf_counter() - t0
+            batch, size = [], 0
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10, 100], help="corpus sizes, MB")
+    parser.add_argument("--engines", nargs="+", default=["local", "ray"], choices=["local", "ray"])
+    parser.add_argument("--workdir", default="", help="where corpora and outputs go (default: a temp dir)")
+    args = parser.parse_args()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="prepare-scale-"))
+    print(f"{os.cpu_count()} CPUs; work dir {work}")
+    print(f"{'MB':>6} {'engine':>6} {'wall s':>8} {'MB/s':>7} {'peak RSS MB':>12} {'Ray procs MB':>13} "
+          f"{'pack s':>7} {'pack MB/s':>10} {'raw encode MB/s':>16} {'pack/raw':>9}")
+    try:
+        for mb in args.sizes:
+            corpus = work / f"corpus-{mb}"
+            size = write_word_corpus(corpus, mb)
+            raw = None
+            for engine in args.engines:
+                out = work / f"prepared-{mb}-{engine}"
+                r = run_prepare(corpus, out, engine)
+                if raw is None:
+                    raw = size / 1e6 / raw_encode_seconds(corpus, out / "tokenizer")
+                pack = r["phases"]["pack"]
+                print(f"{size / 1e6:6.0f} {engine:>6} {r['wall_s']:8.1f} {size / 1e6 / r['wall_s']:7.2f} "
+                      f"{r['rss_mb']:12.0f} {r['ray_workers_mb']:13.0f} {pack:7.1f} "
+                      f"{size / 1e6 / pack:10.2f} {raw:16.2f} {size / 1e6 / pack / raw:9.2f}", flush=True)
+                print(f"       phases (s): {r['phases']}", flush=True)
+                shutil.rmtree(out)
+            shutil.rmtree(corpus)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+"""Corpora of other shapes: one big file, long documents, bad inputs named by file and line,
+and the streaming pieces (normaliser, cutter, block writer) equal to their in-memory forms."""
+
+import dataclasses
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+
+from distill.blocks import (StableBlockWriter, document_blocks, pack_blocks_stable,
+                            write_block_shards)
+from distill.corpus import (CorpusError, CorpusStats, _PieceCutter, _StreamNormaliser,
+                            iter_documents, load_documents, normalise, scan_corpus, split_text)
+from distill.io import sha256_tree
+
+WORDS = ["alpha", "beta", "gamma", "delta", "épsilon", "zeta", "eta", "theta", "iota", "kappa",
+         "lambda", "mu", "nu", "xi", "omicron", "pi", "rho", "sigma", "tau", "upsilon"]
+
+
+def book(chars: int, seed: int = 0) -> str:
+    """A seeded text of about ``chars`` characters: paragraphs of lines of words, with
+    trailing spaces and CRLF line ends here and there (normalising changes it)."""
+    rng = random.Random(seed)
+    paras, size = [], 0
+    while size < chars:
+        lines = [" ".join(rng.choices(WORDS, k=rng.randint(4, 14))) + rng.choice(["", "  ", "\t"])
+                 for _ in range(rng.randint(1, 9))]
+        para = rng.choice(["\n", "\r\n"]).join(lines)
+        paras.append(para)
+        size += len(para) + 2
+    return "\n\n".join(paras)
+
+
+def test_one_big_file_prepares_into_train_and_val_with_every_character(tmp_path, monkeypatch):
+    from distill.config import build_config
+    from tasks.prepare import run
+
+    raw = book(2_000_000)
+    path = tmp_path / "book.txt"
+    path.write_text(raw, newline="")
+    assert path.stat().st_size >= 2_000_000
+    text = normalise(raw)
+    stats = CorpusStats(source=str(path))
+    pieces = list(iter_documents(str(path), "text", 20_000, stats))
+    assert "".join(p.text for p in pieces) == text          # nothing cut off, nothing added
+    assert sum(len(p.text) for p in pieces) == len(text) == stats.chars
+    assert [p.offset for p in pieces] == list(np.cumsum([0] + [len(p.text) for p in pieces[:-1]]))
+    assert all(p.text.endswith("\n\n") for p in pieces[:-1])  # cut at paragraph boundaries
+    monkeypatch.chdir(tmp_path)
+    cfg = build_config({"data": {"source": str(path), "max_doc_chars": 20_000, "vocab_size": 300,
+                                 "val_fraction": 0.1, "block_size": 64, "engine": "local"}})
+    manifest = run(cfg, tmp_path / "prepared")
+    docs = manifest["documents"]
+    assert docs["train"] > 0 and docs["val"] > 0 and docs["total"] == len(pieces)
+    assert manifest["corpus"]["chars"] == len(text) and manifest["corpus"]["split_texts"] == 1
+    assert sorted(v["offset"] for v in docs["hashes"].values()) == [p.offset for p in pieces]
+    assert {v["origin"] for v in docs["hashes"].values()} == {str(path)}
+
+
+def test_a_long_record_is_split_not_cut(tmp_path):
+    long = "\n\n".join(f"paragraph {i} " + "word " * 30 for i in range(200))
+    one_line = "".join(chr(97 + i % 26) for i in range(2500))
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps({"text": long}) + "\n" + json.dumps({"text": one_line}) + "\n")
+    docs, stats = load_documents(str(path), "text", 1000)
+    by_origin = {}
+    for doc in sorted(docs, key=lambda d: (d.origin, d.offset)):
+        by_origin.setdefault(doc.origin, []).append(doc)
+    assert "".join(d.text for d in by_origin[f"{path}:1"]) == normalise(long)
+    assert all(len(d.text) <= 1000 for d in docs) and stats.split_texts == 2
+    assert all(d.text.endswith("\n\n") for d in by_origin[f"{path}:1"][:-1])
+    # a line longer than a piece is cut at a character boundary, still nothing lost
+    assert [len(d.text) for d in by_origin[f"{path}:2"]] == [1000, 1000, 500]
+
+
+def test_cut_prefers_paragraphs_then_lines_then_characters():
+    text = "a" * 60 + "\n\n" + "b" * 30 + "\n" + "c" * 100
+    assert [p for _, p in split_text(text, 80)][0] == "a" * 60 + "\n\n"
+    assert split_text("b" * 50 + "\n" + "c" * 40, 80)[0][1] == "b" * 50 + "\n"
+    assert [len(p) for _, p in split_text("z" * 170, 80)] == [80, 80, 10]
+
+
+def test_streamed_normalise_and_cut_equal_the_whole_text():
+    rng = random.Random(1)
+    alphabet = ["a", "b", " ", "\t", "\n", "\r", "\r\n", "e\u0301", "\u0301", "x  "]
+    for _ in range(2000):
+        raw = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 80)))
+        norm, out, i = _StreamNormaliser(long_line=rng.randint(1, 20)), [], 0
+        while i < len(raw):
+            k = rng.randint(1, 7)
+            out.append(norm.feed(raw[i:i + k]))
+            i += k
+        out.append(norm.feed("", final=True))
+        text = normalise(raw)
+        assert "".join(out) == text, repr(raw)
+        size = rng.randint(2, 12)
+        cutter, pieces, j = _PieceCutter(size), [], 0
+        while j < len(text):
+            k = rng.randint(1, 9)
+            pieces += cutter.feed(text[j:j + k])
+            j += k
+        pieces += cutter.finish()
+        assert pieces == split_text(text, size)
+
+
+def test_stable_block_writer_equals_the_in_memory_packing(tmp_path):
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(1, 50, rng.integers(1, 90)).tolist() for _ in range(120)]
+    docs.append(docs[3][:])  # repeated blocks are dropped the same way
+    hashes = [f"{rng.integers(0, 2**63):016x}{i:048x}" for i in range(len(docs))]
+    blocks = pack_blocks_stable(docs, hashes, 0, 8, tail_buckets=3)
+    write_block_shards(blocks, tmp_path / "memory", shard_blocks=10)
+    writer = StableBlockWriter(tmp_path / "stream", 8, 10, 3, tmp_path / "spill")
+    for h, toks in sorted(zip(hashes, docs)):
+        writer.add_document(h, *document_blocks(toks, 0, 8))
+    writer.finish()
+    assert writer.blocks == len(blocks)
+    assert sha256_tree(tmp_path / "memory") == sha256_tree(tmp_path / "stream")
+    with pytest.raises(ValueError, match="out of hash order"):
+        w = StableBlockWriter(tmp_path / "x", 8, 10, 3, tmp_path / "spill2")
+        w.add_document("b" * 64, *document_blocks([1], 0, 8))
+        w.add_document("a" * 64, *document_blocks([1], 0, 8))
+
+
+def test_tokenizer_sample_is_a_bounded_hash_ordered_prefix(tmp_path):
+    folder = tmp_path / "c"
+    folder.mkdir()
+    for i in range(50):
+        (folder / f"{i}.txt").write_text(book(3000, seed=i))
+    whole = scan_corpus(str(folder), "text", 10_000, tmp_path / "s1", max_documents=0,
+                        val_fraction=0.2, sample_chars=10**9)
+    small = scan_corpus(str(folder), "text", 10_000, tmp_path / "s2", max_documents=0,
+                        val_fraction=0.2, sample_chars=40_000)
+    assert 0 < small.sample_chars <= 40_000 < whole.sample_chars
+    assert small.sample == whole.sample[:len(small.sample)]           # a prefix in hash order
+    assert whole.sample_chars < sum(len(book(3000, seed=i)) for i in range(50))  # val left out
+
+
+# ---------------------------------------------------------------- bad inputs name file and line
+
+
+def test_empty_file_is_named(tmp_path):
+    (tmp_path / "empty.txt").write_text(" \n\n")
+    with pytest.raises(CorpusError, match=r"no usable documents .*1 empty: .*empty.txt: empty"):
+        load_documents(str(tmp_path), "text", 1000)
+
+
+def test_binary_file_is_named_with_its_line(tmp_path):
+    (tmp_path / "ok.txt").write_text("fine text here")
+    (tmp_path / "blob.txt").write_bytes(b"line one\nline two\nthree\x00\x01\x02")
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9\nsecond\n")
+    docs, stats = load_documents(str(tmp_path), "text", 1000)
+    assert len(docs) == 1
+    assert stats.undecodable == [f"{tmp_path / 'blob.txt'}:3: binary (a NUL byte), not text",
+                                 f"{tmp_path / 'latin1.txt'}:1: not UTF-8 (invalid continuation byte)"]
+    assert "undecodable: " in stats.summary() and "blob.txt:3" in stats.summary()
+
+
+def test_jsonl_line_without_the_text_field_is_named(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"text": "a"}\n\n{"body": "b"}\n')
+    with pytest.raises(CorpusError, match=r"r.jsonl:3: no string field 'text' \(found \['body'\]\); "
+                                          r"set data.text_field"):
+        load_documents(str(path), "text", 1000)
+    path.write_text('{"text": "a"}\n{"text": \n')
+    with pytest.raises(CorpusError, match=r"r.jsonl:2: not valid JSON"):
+        load_documents(str(path), "text", 1000)
+
+
+def test_unreadable_folder_is_named(tmp_path, monkeypatch):
+    locked = tmp_path / "corpus" / "locked"
+    locked.mkdir(parents=True)
+    (tmp_path / "corpus" / "a.txt").write_text("text")
+    if os.geteuid() != 0:
+        locked.chmod(0)
+    else:  # root reads any folder: make listing this one fail as it would for a user
+        real = os.scandir
+
+        def scandir(path):
+            if os.fspath(path) == str(locked):
+                raise PermissionError(13, "Permission denied", str(locked))
+            return real(path)
+
+        monkeypatch.setattr(os, "scandir", scandir)
+    try:
+        with pytest.raises(CorpusError, match=r"locked: cannot list this corpus folder "
+                                              r"\(Permission denied\); make it readable"):
+            load_documents(str(tmp_path / "corpus"), "text", 1000)
+    finally:
+        locked.chmod(0o755)
+
+
+def test_single_document_split_advice_is_actionable(tmp_path):
+    from distill.corpus import split_by_hash
+
+    (tmp_path / "one.txt").write_text("just one short document")
+    docs, _ = load_documents(str(tmp_path), "text", 1000)
+    with pytest.raises(CorpusError, match=r"add documents, or lower data.max_doc_chars \(now 1000\)"):
+        split_by_hash(docs, 0.1, 1000)
+
+
+def test_added_documents_leave_the_blocks_of_the_others(tmp_path, monkeypatch):
+    """With a fixed tokenizer, adding documents keeps every full block of the old ones (the
+    label cache relabels only the new documents' blocks and a few tail blocks)."""
+    import shutil
+
+    from distill.blocks import read_blocks
+    from distill.config import build_config
+    from tasks.prepare import run
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(30):
+        (corpus / f"{i:02d}.txt").write_text(book(2500, seed=i))
+    monkeypatch.chdir(tmp_path)
+    data = {"source": str(corpus), "vocab_size": 300, "block_size": 32, "val_fraction": 0.2,
+            "tail_buckets": 8, "max_doc_chars": 1500}
+    run(build_config({"data": data}), tmp_path / "first")
+    shutil.copytree(tmp_path / "first" / "tokenizer", tmp_path / "tok")
+    fixed = {**data, "tokenizer": str(tmp_path / "tok")}
+    before = set(read_blocks(tmp_path / "first" / "train")[0])
+    for i in range(30, 33):
+        (corpus / f"{i:02d}.txt").write_text(book(2500, seed=i))
+    run(build_config({"data": fixed}), tmp_path / "second")
+    after = set(read_blocks(tmp_path / "second" / "train")[0])
+    assert len(before & after) / len(before) > 0.85
+
+
+def test_streaming_prepare_writes_the_bytes_of_the_in_memory_one(tmp_path, monkeypatch):
+    """The streamed stage = the in-memory path it replaced (load all, split, train the BPE on
+    the train texts, tokenise with the HF tokenizer, pack, write) when no text is cut."""
+    from distill.config import build_config
+    from distill.corpus import split_by_hash
+    from distill.tokenizer import train_bpe
+    from tasks.prepare import run
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(40):
+        (corpus / f"{i:02d}.txt").write_text(book(1500 + 97 * i, seed=i))
+    (corpus / "dup.txt").write_text(book(1500, seed=0))
+    monkeypatch.chdir(tmp_path)
+    d = build_config({"data": {"source": str(corpus), "vocab_size": 300, "block_size": 16,
+                               "val_fraction": 0.2, "tail_buckets": 4, "shard_blocks": 50,
+                               "max_documents": 30, "batch_chars": 4000}}).data
+    manifest = run(build_config({"data": dataclasses.asdict(d)}), tmp_path / "stream")
+    docs, _ = load_documents(d.source, d.text_field, d.max_doc_chars, d.max_documents)
+    train, val = split_by_hash(docs, d.val_fraction)
+    tok = train_bpe([doc.text for doc in train], d.vocab_size, tmp_path / "memory" / "tokenizer")
+    for name, split in (("train", train), ("val", val)):
+        ids = tok([doc.text for doc in split], add_special_tokens=False)["input_ids"]
+        blocks = pack_blocks_stable(ids, [doc.sha for doc in split], tok.eos_token_id,
+                                    d.block_size, d.tail_buckets)
+        write_block_shards(blocks, tmp_path / "memory" / name, d.shard_blocks)
+    for part in ("train", "val", "tokenizer"):
+        assert sha256_tree(tmp_path / "stream" / part) == sha256_tree(tmp_path / "memory" / part)
+    assert manifest["documents"]["total"] == 30 and manifest["corpus"]["duplicates"] == 1
