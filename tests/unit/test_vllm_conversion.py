@@ -443,3 +443,15 @@ def test_module_imports_without_vllm():
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_cpu_tensor_parallel_ranks_split_the_cores(monkeypatch):
+    import os
+
+    from distill.teachers.vllm import cpu_thread_binding
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4})
+    assert cpu_thread_binding(2) == "0,1,2|3,4"
+    assert cpu_thread_binding(1) == "0,1,2,3,4"
+    with pytest.raises(ValueError, match="tensor_parallel_size = 8 on CPU needs at least"):
+        cpu_thread_binding(8)
