@@ -200,9 +200,15 @@ class LabelConfig:
     # hard modes with sampling: sample; seeded per block by the top-level seed
     gen_temperature: float = field(default=1.0, metadata=_range(0.0, 100.0, lo_open=True))
     top_p: float = field(default=1.0, metadata=_range(0.0, 1.0, lo_open=True))
-    # vLLM: GPUs one engine spans (its actor needs that many: label.gpus_per_actor)
+    # vLLM: GPUs one engine spans (its actor needs that many: label.gpus_per_actor); on CPU
+    # (gpus_per_actor 0) that many worker processes of vLLM's CPU build
     tensor_parallel_size: int = field(default=1, metadata=_range(1, 1024))
     gpu_memory_utilization: float = field(default=0.85, metadata=_range(0.0, 1.0, lo_open=True))
+    # vLLM: KV cache size in GiB (0 = vLLM sizes it; on CPU then VLLM_CPU_KVCACHE_SPACE or
+    # its default); soft labels need only one block per sequence
+    kv_cache_gib: float = field(default=0.0, metadata=_range(0.0))
+    # vLLM: no torch.compile / CUDA graphs (engine start in seconds, not tens of seconds)
+    enforce_eager: bool = False
     # HF backend: at most this many pending blocks are labeled in the stage's own process
     # (same labeler, same batches) — starting Ray and an actor pool costs more than the work
     # (an incremental run after a few new documents); 0 = always the Ray Data pool.
@@ -477,8 +483,6 @@ def _check_cross_field(cfg: Config, source: str) -> None:
         if opt.warmup_steps >= opt.steps:
             raise ConfigError(f"{source}: {section}.warmup_steps ({opt.warmup_steps}) must be "
                               f"smaller than {section}.steps ({opt.steps})")
-    if cfg.label.backend == "vllm" and cfg.label.gpus_per_actor <= 0:
-        raise ConfigError(f"{source}: label.backend = vllm needs label.gpus_per_actor > 0")
     if cfg.label.backend == "vllm" and cfg.distill.temperature != 1.0:
         # vLLM's prompt log-probs are raw (τ = 1); top-k alone cannot be re-tempered exactly.
         raise ConfigError(f"{source}: label.backend = vllm needs distill.temperature = 1.0 "
@@ -495,7 +499,7 @@ def _check_label_generation(cfg: Config, source: str) -> None:
                           f"({lab.max_new_tokens}) must be at most data.block_size "
                           f"({cfg.data.block_size}): a hard-label row is prompt + generation, "
                           f"padded to one block")
-    if lab.backend == "vllm" and lab.tensor_parallel_size > lab.gpus_per_actor:
+    if lab.backend == "vllm" and 0 < lab.gpus_per_actor < lab.tensor_parallel_size:
         raise ConfigError(f"{source}: label.tensor_parallel_size ({lab.tensor_parallel_size}) needs "
                           f"label.gpus_per_actor ≥ {lab.tensor_parallel_size} (got "
                           f"{lab.gpus_per_actor}): one vLLM engine spans that many GPUs")

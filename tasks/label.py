@@ -148,10 +148,39 @@ def label_with_ray(cfg: Config, backend: str, settings: LabelSettings, manifest:
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     ds = pending_dataset(manifest, missing)
     labeler, kwargs = teacher_backend(cfg, backend, settings, manifest)
+    gpus = actor_gpus(cfg.label, backend, cuda_available(), ray.cluster_resources().get("GPU", 0.0))
     ds = ds.map_batches(labeler, fn_constructor_kwargs=kwargs, batch_size=cfg.label.batch_size,
                         batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=cfg.label.num_actors),
-                        num_cpus=cfg.label.cpus_per_actor, num_gpus=cfg.label.gpus_per_actor or None)
+                        num_cpus=cfg.label.cpus_per_actor, num_gpus=gpus or None)
     yield from ds.iter_batches(batch_size=cfg.label.batch_size, batch_format="numpy")
+
+
+def cuda_available() -> bool:
+    """Whether this (the driver's) host has CUDA: where it does, vLLM is the CUDA build."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def actor_gpus(label, backend: str, cuda: bool, cluster_gpus: float) -> float:
+    """GPUs each labeling actor asks Ray for: ``label.gpus_per_actor``, refused where it
+    cannot work. vLLM's CUDA build needs a GPU in its actor, ``tensor_parallel_size`` of them
+    for TP > 1 (the TP workers are the actor's subprocesses, on its GPUs); and the cluster
+    must hold ``num_actors`` × that many, or the actors never schedule and the job hangs.
+    On a host without CUDA, vLLM's CPU build runs with none (``gpus_per_actor: 0``)."""
+    gpus, tp = label.gpus_per_actor, label.tensor_parallel_size
+    if backend == "vllm" and cuda and (gpus <= 0 or (tp > 1 and gpus < tp)):
+        why = ("label.backend: auto chose vllm (CUDA and vllm are present)" if label.backend == "auto"
+               else "label.backend: vllm on a host with CUDA")
+        raise ValueError(f"{why}: each labeling actor needs label.gpus_per_actor ≥ "
+                         f"{max(tp, 1)} (label.tensor_parallel_size = {tp}), got {gpus}. Fix: "
+                         f"label.gpus_per_actor: {max(tp, 1)}, or label.backend: hf to label on CPU")
+    if gpus > 0 and gpus * label.num_actors > cluster_gpus:
+        raise ValueError(f"label.gpus_per_actor = {gpus} × label.num_actors = {label.num_actors} "
+                         f"GPUs, but the Ray cluster has {cluster_gpus:g}: the labeling actors "
+                         f"would never be scheduled. Fix: lower label.gpus_per_actor or "
+                         f"label.num_actors, or join a cluster with more GPUs (RAY_ADDRESS)")
+    return gpus
 
 
 def label_in_process(cfg: Config, settings: LabelSettings, manifest: dict,
@@ -212,7 +241,9 @@ def teacher_backend(cfg: Config, backend: str, settings: LabelSettings, manifest
 
     return VLLMLabeler, {**kwargs, "dtype": cfg.label.dtype,
                          "tensor_parallel_size": cfg.label.tensor_parallel_size,
-                         "gpu_memory_utilization": cfg.label.gpu_memory_utilization}
+                         "gpu_memory_utilization": cfg.label.gpu_memory_utilization,
+                         "kv_cache_gib": cfg.label.kv_cache_gib,
+                         "enforce_eager": cfg.label.enforce_eager}
 
 
 class ShardWriter:

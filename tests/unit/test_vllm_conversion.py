@@ -261,10 +261,22 @@ def test_engine_and_request_settings():
     assert kw["max_logprobs"] >= 33 and kw["enable_prefix_caching"] is False
     assert kw["skip_tokenizer_init"] is True and kw["tensor_parallel_size"] == 2
     assert "max_model_len" not in kw
-    assert engine_kwargs("/m", 4, max_model_len=99)["max_model_len"] == 99
+    assert "distributed_executor_backend" not in kw and "kv_cache_memory_bytes" not in kw
+    # blocks of up to 99 tokens: vLLM counts the one token it samples after the prompt
+    long = engine_kwargs("/m", 4, max_model_len=99, distributed_executor_backend="mp",
+                         kv_cache_memory_bytes=2**30)
+    assert long["max_model_len"] == 100 and long["hf_overrides"] == {"model_max_length": 100}
+    assert long["distributed_executor_backend"] == "mp" and long["kv_cache_memory_bytes"] == 2**30
     sp = sampling_kwargs(32)
-    assert sp["prompt_logprobs"] == 32 and sp["max_tokens"] == 1 and "flat_logprobs" not in sp
-    assert sampling_kwargs(32, flat_logprobs=True)["flat_logprobs"] is True
+    assert sp["prompt_logprobs"] == 32 and sp["max_tokens"] == 1 and sp["flat_logprobs"] is True
+    assert sp["detokenize"] is False
+    assert "flat_logprobs" not in sampling_kwargs(32, flat_logprobs=False)
+
+
+def test_tensor_parallel_workers_are_subprocesses_of_the_actor():
+    from distill.teachers.vllm import executor_backend
+
+    assert executor_backend(1) is None and executor_backend(2) == "mp"
 
 
 class FakeEngine:
@@ -431,3 +443,15 @@ def test_module_imports_without_vllm():
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_cpu_tensor_parallel_ranks_split_the_cores(monkeypatch):
+    import os
+
+    from distill.teachers.vllm import cpu_thread_binding
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4})
+    assert cpu_thread_binding(2) == "0,1,2|3,4"
+    assert cpu_thread_binding(1) == "0,1,2,3,4"
+    with pytest.raises(ValueError, match="tensor_parallel_size = 8 on CPU needs at least"):
+        cpu_thread_binding(8)
