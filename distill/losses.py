@@ -587,6 +587,32 @@ def _accumulate_head_grad(grad_head: torch.Tensor, dlogits: torch.Tensor, hidden
         grad_head += dlogits.T.to(hidden.dtype) @ hidden
 
 
+def sampled_labels(logits: torch.Tensor, samples: int, temperature: float,
+                   generator: torch.Generator | None = None) -> SparseTeacher:
+    """RS-KD labels (Anshumann et al., ACL 2025): ``samples`` draws per position [N] from the
+    teacher's softmax at τ, kept as the distinct ids with their frequencies.
+
+    ``logits`` [N, V] → ids [N, W] (W = min(samples, V), distinct per row; ids never drawn
+    fill the row with count 0), logprobs [N, W] = log(count / samples) (−inf for 0), rest
+    −inf (no mass outside the draws). The proposal is the teacher's own distribution, so the
+    importance weights are 1 and the frequencies are an unbiased estimate of p_T^τ: with
+    them as the sparse teacher, the forward-KL gradient ∂/∂z = (q_S^τ − count/samples)·τ
+    is unbiased for the dense one (a student bucket per drawn id, the rest bucket empty).
+    """
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    draws = torch.multinomial(probs, samples, replacement=True, generator=generator)   # [N, S]
+    counts = torch.zeros_like(probs).scatter_add_(-1, draws, torch.ones_like(draws, dtype=probs.dtype))
+    width = min(samples, probs.shape[-1])
+    count, ids = counts.topk(width, dim=-1)      # distinct ids, drawn ones first
+    logprobs = torch.log(count / samples)
+    return SparseTeacher(ids=ids, logprobs=logprobs, rest=torch.full_like(count[:, 0], float("-inf")))
+
+
+def exact_sample_frequencies(logprobs: torch.Tensor, samples: int) -> torch.Tensor:
+    """Stored log-frequencies (float16) → the exact log(count / samples) they encode."""
+    return torch.log(torch.round(logprobs.float().exp() * samples) / samples)
+
+
 def topk_labels(logits: torch.Tensor, k: int, temperature: float,
                 lse: torch.Tensor | None = None) -> SparseTeacher:
     """Teacher logits [N, V] → top-k log-probs at temperature τ plus the rest log-mass.

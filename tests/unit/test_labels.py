@@ -172,7 +172,7 @@ def test_old_format_shards_are_refused_by_name(tmp_path):
     old["format"] = 1
     pq.write_table(table.replace_schema_metadata({b"distill.labels": json.dumps(old).encode()}),
                    tmp_path / "labels-old.parquet")
-    with pytest.raises(ValueError, match="labels-old.parquet: label format 1, this code reads format 2"):
+    with pytest.raises(ValueError, match="labels-old.parquet: label format 1, this code reads format 3"):
         read_label_settings(tmp_path / "labels-old.parquet")
 
 
