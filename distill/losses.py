@@ -39,9 +39,13 @@ lse = logsumexp(z)):
 Numerics: both rest buckets are exact to float32 rounding of the logits. The teacher's is
 ``logsumexp`` of its logits outside the top k minus the full ``logsumexp``
 (:func:`topk_labels`); the student's is summed from e^{(z − max)/τ} over the columns outside
-the kept ids, so it stays exact while that mass is above float32's range (about e^{−87} of
-the top logit's weight); below that it is held at ``LOG_FLOOR`` and passes no gradient, as
-the reference's clamp does.
+the kept ids, so it stays exact while that mass is within float32's range (above about
+e^{−87} of the top logit's weight); below that the fused path holds it at ``LOG_FLOOR`` and
+passes no gradient through it (the reference, a ``logsumexp`` with its own maximum, is still
+exact there and clamps only at ``LOG_FLOOR`` itself).
+
+Sampled labels (:func:`sampled_labels`, RS-KD) are a ``SparseTeacher`` too: the drawn ids
+with log-frequencies and an empty rest; with forward KL the gradient is q − count/N.
 
 Kept ids must lie in 0..V-1; repeated ids (several buckets on one token) are allowed.
 
@@ -324,7 +328,7 @@ class _Coefs:
     """Per-position gradient coefficients [N], from w = valid / count (computed once per call).
 
     ``ce`` = (1-α)·w multiplies p − onehot(target); ``z`` = 2λ·w multiplies lse·p; ``kd`` =
-    α·τ·w multiplies scatter(a) − q·Σa (sparse teacher: α·τ²·∂D/∂z = α·τ·(scatter(a) − q·Σa)).
+    α·τ·w multiplies τ·∂D/∂z (so α·τ²·∂D/∂z; sparse teacher: see ``_chunk_grad``).
     """
 
     ce: torch.Tensor
