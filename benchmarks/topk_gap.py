@@ -130,18 +130,32 @@ def summarise(records: list[dict], bytes_per_token: dict[str, float], teacher_lo
     for row in rows:
         online = [o for o in rows if o["tag"] == "online" and o["alpha"] == (row["alpha"] or o["alpha"])]
         row["gap_to_online"] = row["val_loss"] - online[0]["val_loss"] if online else None
+        row["paired_gap"], row["paired_se"] = paired_gap(groups, row, online[0] if online else None)
     return {"teacher_val_loss": teacher_loss, "rows": rows}
+
+
+def paired_gap(groups: dict, row: dict, online: dict | None) -> tuple[float | None, float | None]:
+    """Mean ± s.e. over seeds of (this run − the online run of the same seed and λ): the seed's
+    own luck (initialisation, data order) cancels where it is shared."""
+    if online is None:
+        return None, None
+    mine = {r["seed"]: r["val_loss"] for r in groups[(row["tag"], row["setting"], row["alpha"])]}
+    ref = {r["seed"]: r["val_loss"] for r in groups[("online", online["setting"], online["alpha"])]}
+    diffs = [mine[s] - ref[s] for s in sorted(mine.keys() & ref.keys())]
+    return mean_se(diffs) if diffs else (None, None)
 
 
 def print_table(summary: dict) -> None:
     print(f"\nteacher validation loss {summary['teacher_val_loss']:.4f}")
-    print(f"{'setting':24s} {'λ':>4s} {'seeds':>5s} {'val loss':>17s} {'gap to online':>13s} {'B/token':>8s}")
+    print(f"{'setting':24s} {'λ':>4s} {'seeds':>5s} {'val loss':>17s} {'gap to online':>13s} "
+          f"{'paired gap':>17s} {'B/token':>8s}")
     for r in summary["rows"]:
         alpha = "-" if r["alpha"] is None else f"{r['alpha']:.1f}"
         gap = "" if r["gap_to_online"] is None else f"{r['gap_to_online']:+.4f}"
         size = "" if r["bytes_per_token"] is None else f"{r['bytes_per_token']:.1f}"
+        paired = "" if r["paired_gap"] is None else f"{r['paired_gap']:+.4f} ± {r['paired_se']:.4f}"
         print(f"{r['setting']:24s} {alpha:>4s} {len(r['seeds']):5d} {r['val_loss']:.4f} ± {r['se']:.4f} "
-              f"{gap:>13s} {size:>8s}")
+              f"{gap:>13s} {paired:>17s} {size:>8s}")
 
 
 def plot(summary: dict, path: Path) -> Path:
@@ -155,6 +169,7 @@ def plot(summary: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     alphas = sorted({r["alpha"] for r in summary["rows"] if r["alpha"] is not None})
     colours = dict(zip(alphas, ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]))
+    named: set[str] = set()
     for r in summary["rows"]:
         if r["bytes_per_token"] is None:
             style = ("k", "--") if r["tag"] == "supervised" else (colours[r["alpha"]], ":")
@@ -164,9 +179,14 @@ def plot(summary: dict, path: Path) -> Path:
         marker = "o" if r["tag"].startswith("topk") else "s"
         ax.errorbar(r["bytes_per_token"], r["val_loss"], yerr=0 if math.isnan(r["se"]) else r["se"],
                     fmt=marker, color=colours[r["alpha"]], capsize=3)
-        ax.annotate(r["setting"], (r["bytes_per_token"], r["val_loss"]), textcoords="offset points",
-                    xytext=(5, 4), fontsize=8)
+        if r["tag"] not in named:  # one name per label kind (the λ's share an x)
+            named.add(r["tag"])
+            ax.annotate(r["setting"], (r["bytes_per_token"], r["val_loss"]), textcoords="offset points",
+                        xytext=(6, 6), fontsize=8)
+    sizes = sorted({r["bytes_per_token"] for r in summary["rows"] if r["bytes_per_token"] is not None})
     ax.set_xscale("log")
+    ax.set_xticks(sizes, [f"{x:.0f}" for x in sizes])
+    ax.minorticks_off()
     ax.set_xlabel("label size on disk (bytes per token, log scale)")
     ax.set_ylabel("student validation loss (nats/token)")
     ax.set_title("student loss vs label size (○ top-k + rest, □ sampled; mean ± s.e. over seeds)",
@@ -186,12 +206,19 @@ def main() -> None:
     p.add_argument("--alphas", type=float, nargs="+", default=[0.5, 0.7, 1.0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=0, help="train.steps override (0 = params.yaml)")
+    p.add_argument("--summary-only", action="store_true",
+                   help="train nothing: summarise every stored result at these steps")
     args = p.parse_args()
     quiet_telemetry()
     cfg = load_config("params.yaml")
     if args.steps:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=args.steps))
     manifest, teacher = read_json(PREPARED / "manifest.json"), read_json(TEACHER_JSON)
+    if args.summary_only:
+        records = [read_json(p) for p in sorted(RESULTS.glob(f"*-n{cfg.train.steps}.json"))]
+        sizes = {d.name[len("labels-"):]: read_json(d / "manifest.json")["bytes_per_position"]
+                 for d in OUT.glob("labels-*") if (d / "manifest.json").exists()}
+        return report(records, sizes, teacher, cfg.train.steps)
     init_ray(cfg.ray)
     sparse = [Setting("topk", k) for k in args.k] + [Setting("sampled", n) for n in args.samples]
     labels = {s: labels_for(cfg, s, manifest, teacher) for s in sparse}
@@ -203,8 +230,13 @@ def main() -> None:
         for alpha in args.alphas:
             for setting in [Setting("online"), *sparse]:
                 records.append(run_one(cfg, setting, alpha, seed, manifest, teacher, labels))
+    report(records, bytes_per_token, teacher, cfg.train.steps)
+
+
+def report(records: list[dict], bytes_per_token: dict[str, float], teacher: dict, steps: int) -> None:
+    """Summary JSON, table and PNG of ``records``."""
     summary = summarise(records, bytes_per_token, teacher["val_loss"])
-    summary["steps"] = cfg.train.steps
+    summary["steps"] = steps
     write_json(OUT / "summary.json", summary)
     print_table(summary)
     print(f"plot: {plot(summary, OUT / 'topk_gap.png')}")
