@@ -178,6 +178,10 @@ class DistillConfig:
     source: str = field(default="offline", metadata=_choice("offline", "online"))
     top_k: int = field(default=32, metadata=_range(1))
     chunk_positions: int = field(default=1024, metadata=_range(1))
+    # offline label kind: topk (top_k log-probs + rest) | sampled (RS-KD: `samples` draws per
+    # position from the teacher at τ, stored as distinct ids with counts; forward KL, HF backend)
+    label_kind: str = field(default="topk", metadata=_choice("topk", "sampled"))
+    samples: int = field(default=32, metadata=_range(1, 2048))  # float16 log-counts stay exact
 
 
 @dataclass(frozen=True)
@@ -488,7 +492,24 @@ def _check_cross_field(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: label.backend = vllm needs distill.temperature = 1.0 "
                           f"(got {cfg.distill.temperature}); use label.backend: hf for τ ≠ 1")
     _check_label_generation(cfg, source)
+    _check_sampled_labels(cfg, source)
     _check_calibrate(cfg, source)
+
+
+def _check_sampled_labels(cfg: Config, source: str) -> None:
+    """Sampled (RS-KD) labels estimate the teacher's distribution without bias for forward KL
+    only, from teacher forcing, and need the full softmax (the HF backend)."""
+    d, lab = cfg.distill, cfg.label
+    if d.label_kind != "sampled":
+        return
+    if d.divergence != "forward_kl":
+        raise ConfigError(f"{source}: distill.label_kind = sampled needs distill.divergence = forward_kl "
+                          f"(got {d.divergence}): the sampled estimate is unbiased for forward KL only")
+    if lab.mode != "soft":
+        raise ConfigError(f"{source}: distill.label_kind = sampled needs label.mode = soft (got {lab.mode})")
+    if lab.backend == "vllm":
+        raise ConfigError(f"{source}: distill.label_kind = sampled needs label.backend hf or auto "
+                          f"(got vllm): vLLM returns only top-k prompt log-probs, nothing to sample from")
 
 
 def _check_label_generation(cfg: Config, source: str) -> None:

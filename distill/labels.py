@@ -20,6 +20,12 @@ length             int32                 tokens of the row before padding; posit
                                          p ≥ length-1 carry no loss
 =================  ====================  ==========================================
 
+Label kinds (``kind``): ``topk`` as above; ``sampled`` (RS-KD): each position holds
+N = ``samples`` draws from the teacher at τ as K = N distinct ids (drawn ids first, the
+row filled with undrawn ids) in ``topk_ids``, log(count / N) in ``topk_logprobs`` (−inf
+for count 0; float16 holds it closely enough to give the count back exactly, see
+:func:`distill.losses.exact_sample_frequencies`) and −inf in ``rest_logprob``.
+
 Position p predicts token p+1; training puts the ignore index on targets outside
 ``loss_from ≤ p < length-1``. In ``hard+soft`` mode the top-k of masked positions is a
 filler (a valid uniform distribution) that the loss never reads.
@@ -53,7 +59,8 @@ from distill.io import sha256_bytes
 from distill.provenance import code_fingerprint
 
 FORMAT_VERSION = 3  # 2: loss_from/length columns, hard modes, generation settings; 3: backend,
-                    # dtype and the labeler's code fingerprint in the settings
+                    # dtype and the labeler's code fingerprint in the settings, exact teacher
+                    # rest (format-2 rests are log(1 − Σ kept)), sampled (RS-KD) label kind
 KEEP_SETTINGS = 3   # label settings whose shards the folder keeps (the most recently used)
 META_KEY = b"distill.labels"
 LABEL_SCHEMA = pa.schema([
@@ -84,6 +91,9 @@ class LabelSettings:
     dtype: str = "float32"
     code: str = ""        # fingerprint of the labeler's code (labeler_code_fingerprint)
     format: int = FORMAT_VERSION
+    kind: str = "topk"    # topk | sampled (RS-KD draws; then k = samples)
+    samples: int = 0      # sampled: draws per position
+    sample_seed: int = 0  # sampled: the draws are seeded per block from this
 
     def key(self, source_hash: str) -> str:
         """Content address of the labels of one source shard under these settings."""
@@ -91,22 +101,27 @@ class LabelSettings:
 
 
 def settings_for_run(top_k: int, temperature: float, teacher: dict, manifest: dict,
-                     label=None, seed: int = 0) -> LabelSettings:
+                     label=None, seed: int = 0, kind: str = "topk", samples: int = 0) -> LabelSettings:
     """The label settings a run uses: from ``teacher.json``, the prepared manifest, the
-    ``distill`` params (k capped at the vocabulary) and the ``label`` params (mode and
-    generation, backend, dtype; ``None`` = the defaults: soft). The label stage writes them
-    and the train stage demands them, so both must build them here."""
+    ``distill`` params (k capped at the vocabulary; ``kind`` and ``samples`` of sampled
+    labels, whose k is then ``samples``) and the ``label`` params (mode and generation,
+    backend, dtype; ``None`` = the defaults: soft). The label stage writes them and the train
+    stage demands them, so both must build them here."""
     from distill.config import LabelConfig
     from distill.teachers import resolve_backend
 
     label = label if label is not None else LabelConfig(mode="soft")
     backend = resolve_backend(label.backend, temperature)
+    sampled = kind == "sampled"
+    width = samples if sampled else top_k
     return LabelSettings(teacher_fingerprint=teacher["fingerprint"],
                          tokenizer_hash=manifest["tokenizer"]["hash"],
-                         k=0 if label.mode == "hard" else min(top_k, manifest["tokenizer"]["vocab_size"]),
+                         k=0 if label.mode == "hard" else min(width, manifest["tokenizer"]["vocab_size"]),
                          temperature=temperature, mode=label.mode,
                          generation=generation_settings(label, seed) if label.mode != "soft" else "",
-                         backend=backend, dtype=label.dtype, code=labeler_code_fingerprint(backend))
+                         backend=backend, dtype=label.dtype, code=labeler_code_fingerprint(backend),
+                         kind=kind, samples=samples if sampled else 0,
+                         sample_seed=seed if sampled else 0)
 
 
 def labeler_code_fingerprint(backend: str) -> str:

@@ -28,16 +28,30 @@ lse = logsumexp(z)):
 * cross-entropy: ∂/∂z = p − onehot(target); z-loss lse²: ∂/∂z = 2·lse·p;
 * any loss D(s) of the student's log-probs s = log_softmax(z/τ): with g = ∂D/∂s,
   ∂D/∂z = (g − q·Σg) / τ (dense teacher: g is [n, V]);
-* sparse buckets: s_i = z_{id_i}/τ − lse_τ for the K kept ids and s_rest = log(1 − S) with
-  S = Σ_i e^{s_i}. As ∂s_rest/∂s_i = −e^{s_i}/(1 − S), the loss seen by the kept buckets is
-  a_i = g_i − e^{s_i}·g_rest/(1 − S), and ∂D/∂z = (scatter_add(ids, a) − q·Σa) / τ: one dense
-  term q·(per-row scalar) plus a [n, K] scatter. At τ = 1, q = p and all dense terms fold
-  into a single ``p · c`` with one coefficient c per row.
+* sparse buckets: s_i = z_{id_i}/τ − lse_τ for the K kept ids and s_rest = log R with
+  R = Σ_{j ∉ ids} q_j, the student's mass *outside* the kept columns, summed directly over
+  those columns (never as 1 − Σ kept, which cancels when the student is confident inside the
+  teacher's top k). With g = ∂D/∂buckets and Σg over all K+1 buckets:
+  ∂D/∂z_j = (g_j − q_j·Σg)/τ at a kept column (g summed over repeats of its id) and
+  q_j·(g_rest/R − Σg)/τ outside. The fused path writes the kept columns directly instead of
+  adding a large q·g_rest/R everywhere and cancelling it at the kept ones.
 
-Numerics: the student's rest mass 1 − S is held at ≥ 1e-12 (as ``log1mexp`` caps the
-reference's log kept mass at −1e-12) and passes no gradient when held; in float32, S carries
-the rounding of z − lse (~1e-7 relative to |lse|), so rest masses below ~1e-6 are noise on
-both paths, and as 1 − S → 0 the rest bucket's gradient grows like P_rest/(1 − S).
+Numerics: both rest buckets are exact to float32 rounding of the logits. The teacher's is
+``logsumexp`` of its logits outside the top k minus the full ``logsumexp``
+(:func:`topk_labels`); the student's is summed from e^{(z − max)/τ} over the columns outside
+the kept ids, so it stays exact while that mass is within float32's range (above about
+e^{−87} of the top logit's weight); below that the fused path holds it at ``LOG_FLOOR`` and
+passes no gradient through it (the reference, a ``logsumexp`` with its own maximum, is still
+exact there and clamps only at ``LOG_FLOOR`` itself).
+
+Sampled labels (:func:`sampled_labels`, RS-KD) are a ``SparseTeacher`` too: the drawn ids
+with log-frequencies and an empty rest; with forward KL the gradient is q − count/N.
+
+Kept ids must lie in 0..V-1; repeated ids (several buckets on one token) are allowed.
+
+Under ``torch.autocast`` the fused path runs its two matmuls (logits, and the gradients of
+hidden and head) in the autocast dtype and everything else in float32, with autocast itself
+switched off inside (``torch.mm(..., out=)`` cannot take autocast's output dtype).
 """
 
 from __future__ import annotations
@@ -57,8 +71,6 @@ IGNORE_INDEX = -100
 LOG_FLOOR = -100.0
 # log1mexp caps its argument here, so a kept mass of (numerically) 1 gives a finite rest.
 _LOG_MASS_CAP = -1e-12
-# The same cap as a rest mass: 1 − e^{-1e-12} ≈ 1e-12 (the smallest student rest mass).
-_REST_MASS_MIN = -math.expm1(_LOG_MASS_CAP)
 
 
 @dataclass
@@ -173,13 +185,25 @@ def sparse_buckets(logits: torch.Tensor, lse: torch.Tensor, teacher: SparseTeach
     """Both sides as [N, K+1] log-distributions over the kept tokens plus the rest bucket.
 
     ``lse`` [N] is ``logsumexp(logits / τ)``. Only K columns of the student's logits are
-    touched (a gather), never a full [N, V] log-softmax. Used by the reference path (the
-    fused path computes the same buckets in ``sparse_kd_and_grad``).
+    gathered for the kept buckets; the rest is ``logsumexp`` of the logits outside the kept
+    ids minus ``lse`` (exact, no 1 − Σ kept). Used by the reference path (the fused path
+    computes the same buckets in ``DistillationLoss._chunk``).
     """
-    kept = logits.gather(-1, teacher.ids) / tau - lse.unsqueeze(-1)
-    rest = log1mexp(torch.logsumexp(kept, dim=-1)).clamp_min(LOG_FLOOR)
+    scaled = logits / tau if tau != 1.0 else logits
+    kept = scaled.gather(-1, teacher.ids) - lse.unsqueeze(-1)
+    rest = (outside_logsumexp(scaled, teacher.ids) - lse).clamp_min(LOG_FLOOR)
     student = torch.cat([kept, rest.unsqueeze(-1)], dim=-1)
     return _teacher_buckets(teacher, student.dtype), student
+
+
+def outside_logsumexp(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``logsumexp`` [N] of ``logits`` [N, V] over the columns *not* in ``ids`` [N, K].
+
+    The kept columns are set to the dtype's lowest finite value rather than −inf, so a row
+    with nothing outside (K = V) gives a huge negative number with a zero (not NaN) gradient.
+    """
+    lowest = torch.finfo(logits.dtype).min
+    return torch.logsumexp(logits.scatter(-1, ids, lowest), dim=-1)
 
 
 def _teacher_buckets(teacher: SparseTeacher, dtype: torch.dtype) -> torch.Tensor:
@@ -211,36 +235,49 @@ class BucketTeacher:
         return BucketTeacher(self.ids[s], self.logp[s], self.probs[s], self.plogp[s])
 
 
-def sparse_kd_and_grad(kept_logits: torch.Tensor, lse_tau: torch.Tensor, teacher: BucketTeacher,
-                       tau: float, kind: str, beta: float,
-                       want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """τ²·D over the K+1 buckets [n], and ``a`` [n, K] with ∂(τ²D)/∂z = τ·(scatter(a) − q·Σa).
+@dataclass
+class SparseKDGrad:
+    """∂D/∂buckets of a sparse KD term: ``kept`` [n, K], ``rest`` [n], ``total`` [n] = Σ over
+    all K+1 buckets (for the fused path's direct kept-column and outside-column formulas)."""
 
-    ``kept_logits`` [n, K] are the student's raw logits at ``teacher.ids``; ``lse_tau`` [n] is
-    ``logsumexp(z / τ)`` over the whole vocabulary. With kept probabilities q_i = e^{s_i},
-    S = Σq_i and the rest r = log(1 − S), ∂r/∂s_i = −q_i/(1 − S), so
-    ``a_i = g_i − q_i·g_rest/(1 − S)`` (g = ∂D/∂buckets). Like the reference (``log1mexp`` caps
-    the log kept mass at −1e-12), a rest mass below ~1e-12 is held at 1e-12 and then passes
-    no gradient. Forward KL uses the teacher's precomputed Σ P·log P (fewest small kernels).
+    kept: torch.Tensor
+    rest: torch.Tensor
+    total: torch.Tensor
+
+
+def sparse_kd_and_grad(s_kept: torch.Tensor, s_rest: torch.Tensor, teacher: BucketTeacher,
+                       tau: float, kind: str, beta: float,
+                       want_grad: bool) -> tuple[torch.Tensor, SparseKDGrad | None]:
+    """τ²·D over the K+1 buckets [n] and g = ∂D/∂buckets (None without ``want_grad``).
+
+    ``s_kept`` [n, K] are the student's log-probs at ``teacher.ids`` (at τ), ``s_rest`` [n] its
+    exact log mass outside them (floored at ``LOG_FLOOR``). Forward KL uses the teacher's
+    precomputed Σ P·log P (fewest small kernels); its g is −P.
     """
-    s_kept = kept_logits - lse_tau.unsqueeze(-1) if tau == 1.0 else \
-        (kept_logits / tau).sub_(lse_tau.unsqueeze(-1))                 # [n, K]
-    q_kept = s_kept.exp()
-    rest_mass = torch.rsub(q_kept.sum(-1), 1.0)                        # [n] 1 − S
-    student = torch.cat([s_kept, rest_mass.clamp_min(_REST_MASS_MIN).log_().unsqueeze(-1)], -1)
+    student = torch.cat([s_kept, s_rest.unsqueeze(-1)], -1)
     if _resolve_kind(kind, beta) == "forward_kl":
         value = teacher.plogp - (teacher.probs * student).sum(-1)
-        g_kept, g_rest = None, teacher.probs[:, -1].neg()
+        g = teacher.probs.neg() if want_grad else None
     else:
         value, g = divergence_and_grad(teacher.logp, student, kind, beta)
-        g_kept, g_rest = g[:, :-1], g[:, -1]
     value = value if tau == 1.0 else value * tau ** 2
     if not want_grad:
         return value, None
-    share = torch.where(rest_mass > _REST_MASS_MIN, g_rest / rest_mass, 0.0).unsqueeze(-1)  # [n, 1]
-    if g_kept is None:  # forward KL: g_kept = −P_kept
-        return value, (q_kept * share).neg_().sub_(teacher.probs[:, :-1])
-    return value, torch.addcmul(g_kept, q_kept, share, value=-1.0)
+    return value, SparseKDGrad(g[:, :-1], g[:, -1], g.sum(-1))
+
+
+def split_sums(weights: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row sums [n], sums outside ``ids`` [n], the values at ``ids`` [n, K]) of ``weights`` [n, V].
+
+    The outside sum adds only the outside columns (exact for a tiny outside mass); the kept
+    columns are zeroed for it and written back, so ``weights`` ends unchanged.
+    """
+    kept = weights.gather(-1, ids)
+    total = weights.sum(-1)
+    weights.scatter_(-1, ids, 0.0)
+    outside = weights.sum(-1)
+    weights.scatter_(-1, ids, kept)  # repeated ids write the same value back
+    return total, outside, kept
 
 
 def dense_kd_and_grad(logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float, kind: str,
@@ -291,7 +328,7 @@ class _Coefs:
     """Per-position gradient coefficients [N], from w = valid / count (computed once per call).
 
     ``ce`` = (1-α)·w multiplies p − onehot(target); ``z`` = 2λ·w multiplies lse·p; ``kd`` =
-    α·τ·w multiplies scatter(a) − q·Σa (sparse teacher: α·τ²·∂D/∂z = α·τ·(scatter(a) − q·Σa)).
+    α·τ·w multiplies τ·∂D/∂z (so α·τ²·∂D/∂z; sparse teacher: see ``_chunk_grad``).
     """
 
     ce: torch.Tensor
@@ -300,6 +337,52 @@ class _Coefs:
 
     def chunk(self, s: slice) -> "_Coefs":
         return _Coefs(self.ce[s], self.z[s], self.kd[s])
+
+
+@dataclass
+class _SparseSide:
+    """The student's distribution at τ as a sparse teacher's buckets see it, for one chunk.
+
+    ``weights`` [n, V] = e^{(z − max)/τ} (unnormalised q); ``total`` [n] their row sums,
+    ``outside`` [n] the sum outside the kept ids (the rest mass R times ``total``), ``kept``
+    [n, K] the weights at the kept ids, ``lse`` [n] = logsumexp(z/τ).
+    """
+
+    weights: torch.Tensor
+    total: torch.Tensor
+    outside: torch.Tensor
+    kept: torch.Tensor
+    lse: torch.Tensor
+
+    @classmethod
+    def of(cls, weights: torch.Tensor, ids: torch.Tensor, top_tau: torch.Tensor) -> "_SparseSide":
+        total, outside, kept = split_sums(weights, ids)
+        return cls(weights, total, outside, kept, total.log() + top_tau)
+
+    def log_rest(self) -> torch.Tensor:
+        """log R [n], exact; floored at ``LOG_FLOOR`` (0 weight outside → the floor)."""
+        return (self.outside.log() - self.total.log()).clamp_min(LOG_FLOOR)
+
+    def held(self) -> torch.Tensor:
+        """[n] rows whose rest is held at the floor (no gradient through it, as the reference)."""
+        return (self.outside <= 0) | (self.outside.log() - self.total.log() < LOG_FLOOR)
+
+
+def _matmul_dtype(hidden: torch.Tensor, head: torch.Tensor) -> torch.dtype:
+    """The dtype of the fused loss's matmuls: autocast's when it is on for this device, else
+    the inputs' common dtype."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return torch.promote_types(hidden.dtype, head.dtype)
+
+
+def _write_hidden_grad(out: torch.Tensor, dlogits: torch.Tensor, head: torch.Tensor) -> None:
+    """``out`` [n, H] = dlogits [n, V] @ head [V, H]; straight into ``out`` when dtypes agree."""
+    if out.dtype == dlogits.dtype == head.dtype:
+        torch.mm(dlogits, head, out=out)
+    else:
+        out.copy_(dlogits @ head)
 
 
 class DistillationLoss(nn.Module):
@@ -338,7 +421,14 @@ class DistillationLoss(nn.Module):
 
         Gradients are those of ``total``; each is an empty tensor where ``needs`` says no.
         Per-row values go to ``rows`` [3, N] (ntp, kd, z), masked and summed once at the end.
+        Under autocast the matmuls run in its dtype, with autocast itself off (module doc).
         """
+        mm_dtype = _matmul_dtype(hidden, head)
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            return self._fused_walk(hidden, head, targets, teacher, needs, mm_dtype)
+
+    def _fused_walk(self, hidden, head, targets, teacher, needs, mm_dtype):
+        """``_fused_pass`` with the matmuls in ``mm_dtype`` (autocast off)."""
         dtype = _compute_dtype(hidden.dtype)
         valid = targets != self.ignore_index
         count = valid.sum().clamp_min(1)
@@ -347,6 +437,7 @@ class DistillationLoss(nn.Module):
         coefs = _Coefs((1.0 - w_kd) * w, (2.0 * self.z_coef) * w, (w_kd * self.tau) * w)
         if isinstance(teacher, SparseTeacher):
             teacher = BucketTeacher.from_sparse(teacher, dtype)
+        h_mm, w_mm = hidden.to(mm_dtype), head.to(mm_dtype)
         grad_hidden = (torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
                        if needs[0] else hidden.new_empty(0))
         grad_head = (torch.zeros(head.shape, dtype=_compute_dtype(head.dtype), device=head.device)
@@ -355,12 +446,12 @@ class DistillationLoss(nn.Module):
         for start in range(0, hidden.shape[0], self.chunk):
             s = slice(start, start + self.chunk)
             t_chunk = teacher.chunk(s) if teacher is not None else None
-            dlogits = self._chunk(hidden[s], head, targets[s], t_chunk, rows[:, s],
+            dlogits = self._chunk(h_mm[s], w_mm, targets[s], t_chunk, rows[:, s],
                                   coefs.chunk(s) if any(needs) else None)
             if needs[0]:
-                torch.mm(dlogits.to(head.dtype), head, out=grad_hidden[s])
+                _write_hidden_grad(grad_hidden[s], dlogits.to(mm_dtype), w_mm)
             if needs[1]:
-                _accumulate_head_grad(grad_head, dlogits, hidden[s])
+                _accumulate_head_grad(grad_head, dlogits, h_mm[s])
         parts = torch.where(valid, rows, 0.0).sum(-1) / count
         total = (1.0 - w_kd) * parts[0] + w_kd * parts[1] + self.z_coef * parts[2]
         return total, parts, grad_hidden, grad_head.to(head.dtype)
@@ -375,57 +466,68 @@ class DistillationLoss(nn.Module):
         tgt = targets.clamp_min(0).unsqueeze(-1)                      # [n, 1]
         target_logit = logits.gather(-1, tgt).squeeze(-1)
         kd_grad_needed = coefs is not None and self._kd_weight(teacher) != 0.0
-        kd_row, kd_dense, kd_sparse = None, None, None
+        kd_row, kd_dense, side = None, None, None
         if isinstance(teacher, DenseTeacher):  # needs the logits before they are overwritten
             kd_row, kd_dense = dense_kd_and_grad(logits, teacher.logits, self.tau, self.kind,
                                                  self.beta, kd_grad_needed)
-        kept = logits.gather(-1, teacher.ids) if isinstance(teacher, BucketTeacher) else None
+        sparse = isinstance(teacher, BucketTeacher)
+        kept = logits.gather(-1, teacher.ids) if sparse else None      # [n, K] raw kept logits
         top = logits.amax(-1, keepdim=True)                            # [n, 1]
-        q_unnorm, q_sum, lse_tau = None, None, None
-        if self.tau != 1.0 and kept is not None:
-            q_unnorm = torch.sub(logits, top).div_(self.tau).exp_()    # [n, V] e^{(z−max)/τ}
-            q_sum = q_unnorm.sum(-1)
-            lse_tau = q_sum.log().add_(top.squeeze(-1), alpha=1.0 / self.tau)
+        if sparse and self.tau != 1.0:                                 # e^{(z−max)/τ}: q's weights
+            side = _SparseSide.of(torch.sub(logits, top).div_(self.tau).exp_(), teacher.ids,
+                                  top.squeeze(-1) / self.tau)
         e = logits.sub_(top).exp_()                                    # [n, V] e^{z−max}, in place
-        sum_e = e.sum(-1)
+        if sparse and side is None:                                    # τ = 1: q is p
+            side = _SparseSide.of(e, teacher.ids, top.squeeze(-1))
+            sum_e = side.total
+        else:
+            sum_e = e.sum(-1)
         lse = sum_e.log().add_(top.squeeze(-1))
-        if kept is not None:
-            kd_row, kd_sparse = sparse_kd_and_grad(kept, lse if lse_tau is None else lse_tau, teacher,
-                                                   self.tau, self.kind, self.beta, kd_grad_needed)
+        kd_grad = None
+        if sparse:
+            s_kept = (kept if self.tau == 1.0 else kept / self.tau) - side.lse.unsqueeze(-1)
+            kd_row, kd_grad = sparse_kd_and_grad(s_kept, side.log_rest(), teacher, self.tau,
+                                                 self.kind, self.beta, kd_grad_needed)
         torch.sub(lse, target_logit, out=rows[0])
         if kd_row is not None:
             rows[1].copy_(kd_row)
         torch.square(lse, out=rows[2])
         if coefs is None:
             return None
-        return self._chunk_grad(e, sum_e, lse, q_unnorm, q_sum, tgt, teacher, coefs, kd_dense, kd_sparse)
+        return self._chunk_grad(e, sum_e, lse, side, tgt, teacher, coefs, kd_dense, kd_grad)
 
-    def _chunk_grad(self, e, sum_e, lse, q_unnorm, q_sum, tgt, teacher, coefs: _Coefs, kd_dense,
-                    kd_sparse) -> torch.Tensor:
+    def _chunk_grad(self, e, sum_e, lse, side, tgt, teacher, coefs: _Coefs, kd_dense,
+                    kd_grad: SparseKDGrad | None) -> torch.Tensor:
         """d total / d logits [n, V], built in ``e``'s buffer.
 
-        ``e`` [n, V] = e^{z−max} with row sums ``sum_e`` [n]; ``q_unnorm`` [n, V] =
-        e^{(z−max)/τ} with row sums ``q_sum`` (None at τ = 1); ``lse`` [n]; ``tgt`` [n, 1];
-        ``kd_sparse`` [n, K] (``a``) or ``kd_dense`` [n, V]. With p = e/Σe, q = softmax(z/τ):
-        p·(ce + z·lse) − q·kd·Σa + (w·α)·kd_dense, then −ce at the target and kd·a at the
-        kept ids (scatter_add, so repeated ids add up).
+        ``e`` [n, V] = e^{z−max} with row sums ``sum_e`` [n], p = e/Σe; ``lse`` [n]; ``tgt``
+        [n, 1]; ``side``: the sparse teacher's view of q = softmax(z/τ) (its weights are ``e``
+        at τ = 1); ``kd_grad`` its g, or ``kd_dense`` [n, V]. Everywhere p·(ce + z·lse) plus, for
+        a sparse teacher, kd·q·(g_rest/R − Σg) outside the kept ids; the kept columns are then
+        overwritten with p·(ce + z·lse) − kd·q·Σg and get kd·g added (scatter_add: repeated ids
+        add up); −ce at the target.
         """
         coef_p = torch.addcmul(coefs.ce, coefs.z, lse)                             # [n]
-        coef_q = None
-        if kd_sparse is not None:
-            a_sum = kd_sparse.sum(-1)
-            if q_unnorm is None:  # τ = 1: q is p, one dense coefficient per row
-                coef_p.addcmul_(coefs.kd, a_sum, value=-1.0)
-            else:
-                coef_q = (coefs.kd * a_sum).div_(q_sum)
-        grad = e.mul_((coef_p / sum_e).unsqueeze(-1))
-        if coef_q is not None:
-            grad.addcmul_(q_unnorm, coef_q.unsqueeze(-1), value=-1.0)
+        kept_base = None
+        if kd_grad is not None:
+            kd = coefs.kd
+            q_kept = side.kept / side.total.unsqueeze(-1)                           # [n, K]
+            p_kept = q_kept if side.weights is e else e.gather(-1, teacher.ids) / sum_e.unsqueeze(-1)
+            kept_base = (p_kept * coef_p.unsqueeze(-1)).sub_(q_kept * (kd * kd_grad.total).unsqueeze(-1))
+            share = torch.where(side.held(), 0.0, kd_grad.rest / side.outside)     # g_rest / R·Σw
+            out_coef = kd * (share - kd_grad.total / side.total)                   # per unit weight
+        if kd_grad is not None and side.weights is e:  # τ = 1: one dense coefficient per row
+            grad = e.mul_((coef_p / sum_e + out_coef).unsqueeze(-1))
+        else:
+            grad = e.mul_((coef_p / sum_e).unsqueeze(-1))
+            if kd_grad is not None:
+                grad.addcmul_(side.weights, out_coef.unsqueeze(-1))
         if kd_dense is not None:
             grad.addcmul_(kd_dense, (coefs.kd / self.tau).unsqueeze(-1))
+        if kd_grad is not None:
+            grad.scatter_(-1, teacher.ids, kept_base)
+            grad.scatter_add_(-1, teacher.ids, kd_grad.kept.mul_(coefs.kd.unsqueeze(-1)))
         grad.scatter_add_(-1, tgt, coefs.ce.neg().unsqueeze(-1))
-        if kd_sparse is not None:
-            grad.scatter_add_(-1, teacher.ids, kd_sparse.mul_(coefs.kd.unsqueeze(-1)))
         return grad
 
     # ----- reference path: plain autograd through the same math (the old implementation) -----
@@ -489,21 +591,49 @@ def _accumulate_head_grad(grad_head: torch.Tensor, dlogits: torch.Tensor, hidden
         grad_head += dlogits.T.to(hidden.dtype) @ hidden
 
 
+def sampled_labels(logits: torch.Tensor, samples: int, temperature: float,
+                   generator: torch.Generator | None = None) -> SparseTeacher:
+    """RS-KD labels (Anshumann et al., ACL 2025): ``samples`` draws per position [N] from the
+    teacher's softmax at τ, kept as the distinct ids with their frequencies.
+
+    ``logits`` [N, V] → ids [N, W] (W = min(samples, V), distinct per row; ids never drawn
+    fill the row with count 0), logprobs [N, W] = log(count / samples) (−inf for 0), rest
+    −inf (no mass outside the draws). The proposal is the teacher's own distribution, so the
+    importance weights are 1 and the frequencies are an unbiased estimate of p_T^τ: with
+    them as the sparse teacher, the forward-KL gradient ∂/∂z = (q_S^τ − count/samples)·τ
+    is unbiased for the dense one (a student bucket per drawn id, the rest bucket empty).
+    """
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    draws = torch.multinomial(probs, samples, replacement=True, generator=generator)   # [N, S]
+    counts = torch.zeros_like(probs).scatter_add_(-1, draws, torch.ones_like(draws, dtype=probs.dtype))
+    width = min(samples, probs.shape[-1])
+    count, ids = counts.topk(width, dim=-1)      # distinct ids, drawn ones first
+    logprobs = torch.log(count / samples)
+    return SparseTeacher(ids=ids, logprobs=logprobs, rest=torch.full_like(count[:, 0], float("-inf")))
+
+
+def exact_sample_frequencies(logprobs: torch.Tensor, samples: int) -> torch.Tensor:
+    """Stored log-frequencies (float16) → the exact log(count / samples) they encode."""
+    return torch.log(torch.round(logprobs.float().exp() * samples) / samples)
+
+
 def topk_labels(logits: torch.Tensor, k: int, temperature: float,
                 lse: torch.Tensor | None = None) -> SparseTeacher:
     """Teacher logits [N, V] → top-k log-probs at temperature τ plus the rest log-mass.
 
     The top-k is taken on the logits (same order as on log-probs), so no full [N, V]
-    log-softmax is materialised; the rest is ``log(1 - Σ kept)`` via ``log1mexp``.
-    ``lse`` [N], if given, is ``logsumexp(logits / τ)`` already computed by the caller.
+    log-softmax is materialised. The rest is exact: ``logsumexp`` of the scaled logits
+    *outside* the top k minus the full ``logsumexp`` (not log(1 − Σ kept), which float32
+    cancellation makes 10–50 nats wrong for a confident teacher). ``lse`` [N], if given, is
+    ``logsumexp(logits / τ)`` already computed by the caller.
     """
     scaled = logits.float() if temperature == 1.0 else logits.float() / temperature
     k = min(k, scaled.shape[-1])
     top, ids = scaled.topk(k, dim=-1)
     lse = torch.logsumexp(scaled, dim=-1) if lse is None else lse
     logprobs = top - lse.unsqueeze(-1)
-    if k == scaled.shape[-1]:  # nothing left outside: exactly zero mass, not float32 noise
+    if k == scaled.shape[-1]:  # nothing left outside: exactly zero mass
         rest = torch.full_like(lse, float("-inf"))
-    else:  # float32 fixes the rest *mass* to ~1e-7, plenty for the loss
-        rest = log1mexp(torch.logsumexp(logprobs, dim=-1))
+    else:
+        rest = outside_logsumexp(scaled, ids) - lse
     return SparseTeacher(ids=ids, logprobs=logprobs, rest=rest)

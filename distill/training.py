@@ -28,7 +28,7 @@ import torch
 
 from distill.config import DistillConfig, ModelConfig, OptimConfig
 from distill.io import sha256_bytes
-from distill.losses import IGNORE_INDEX, DistillationLoss, SparseTeacher
+from distill.losses import IGNORE_INDEX, DistillationLoss, SparseTeacher, exact_sample_frequencies
 from distill.provenance import code_fingerprint, fingerprint
 
 
@@ -119,8 +119,11 @@ def hidden_and_head(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch
     return hidden, model.get_output_embeddings().weight
 
 
-def batch_to_tensors(batch: dict, device: torch.device, k: int | None) -> tuple:
+def batch_to_tensors(batch: dict, device: torch.device, k: int | None, samples: int = 0) -> tuple:
     """A numpy batch → (inputs [B, T-1], targets [B, T-1], SparseTeacher or None).
+
+    ``samples`` > 0: sampled (RS-KD) labels; their stored log-frequencies become the exact
+    log(count / samples).
 
     Label rows of every mode carry ``loss_from``/``length`` (:mod:`distill.labels`): targets
     outside ``loss_from ≤ p < length-1`` (a hard label's prompt and padding) become the
@@ -135,9 +138,10 @@ def batch_to_tensors(batch: dict, device: torch.device, k: int | None) -> tuple:
     teacher = None
     if k is not None:
         n = inputs.numel()
+        logprobs = torch.from_numpy(np.stack(batch["topk_logprobs"]).astype(np.float32)).to(device).view(n, k)
         teacher = SparseTeacher(
             ids=torch.from_numpy(np.stack(batch["topk_ids"]).astype(np.int64)).to(device).view(n, k),
-            logprobs=torch.from_numpy(np.stack(batch["topk_logprobs"]).astype(np.float32)).to(device).view(n, k),
+            logprobs=exact_sample_frequencies(logprobs, samples) if samples else logprobs,
             rest=torch.from_numpy(np.stack(batch["rest_logprob"]).astype(np.float32)).to(device).view(n),
         )
     return inputs, targets, teacher
@@ -239,7 +243,7 @@ def train_loop_per_worker(config: dict) -> None:
             if i < state["batch_in_epoch"]:
                 continue  # resuming mid-epoch: skip what was already trained on
             try:
-                tensors = batch_to_tensors(batch, device, k)
+                tensors = batch_to_tensors(batch, device, k, spec.label_meta.get("samples", 0))
                 if online_teacher is not None:
                     tensors = with_online_labels(online_teacher, tensors, spec.vocab_size)
                 metrics = train_step(model, loss_fn, optimizer, scheduler, tensors,

@@ -68,7 +68,7 @@ def label_train_blocks(cfg: Config, out: Path, teacher: dict, manifest: dict) ->
     # an interrupted run must not leave the previous run's manifest looking complete
     (out / "manifest.json").unlink(missing_ok=True)
     settings = settings_for_run(cfg.distill.top_k, cfg.distill.temperature, teacher, manifest,
-                                cfg.label, cfg.seed)
+                                cfg.label, cfg.seed, cfg.distill.label_kind, cfg.distill.samples)
     wanted = train_block_ids(manifest)
     index, unusable = index_label_shards(out, settings)
     plan = plan_labels(wanted, index)
@@ -127,6 +127,8 @@ def label_blocks(cfg: Config, missing: list[str], settings: LabelSettings, manif
     ``label.inline_blocks`` pending blocks in this process: same labeler, same batches, same
     shards, without the seconds of starting Ray and a worker that loads the teacher."""
     backend = resolve_backend(cfg.label.backend, cfg.distill.temperature)
+    if settings.kind == "sampled" and cfg.label.backend == "auto":
+        backend = "hf"  # sampling needs the full softmax; vLLM gives only the top k
     writer = ShardWriter(out, settings, cfg.data.shard_blocks, total=len(missing))
     if backend == "hf" and len(missing) <= cfg.label.inline_blocks:
         print(f"labeling in this process ({len(missing)} ≤ label.inline_blocks = {cfg.label.inline_blocks})")
@@ -236,7 +238,12 @@ def teacher_backend(cfg: Config, backend: str, settings: LabelSettings, manifest
     if backend == "hf":
         from distill.teachers.hf import HFLabeler
 
-        return HFLabeler, {**kwargs, "dtype": cfg.label.dtype, "use_gpu": cfg.label.gpus_per_actor > 0}
+        return HFLabeler, {**kwargs, "dtype": cfg.label.dtype, "use_gpu": cfg.label.gpus_per_actor > 0,
+                           "samples": settings.samples, "sample_seed": settings.sample_seed}
+    if settings.kind == "sampled":
+        raise ValueError("distill.label_kind = sampled needs the HF backend (label.backend: hf): vLLM "
+                         "returns only top-k prompt log-probs, so there is no full distribution to sample "
+                         f"from (label.backend = {cfg.label.backend!r} resolved to {backend!r})")
     from distill.teachers.vllm import VLLMLabeler
 
     return VLLMLabeler, {**kwargs, "dtype": cfg.label.dtype,

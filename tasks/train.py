@@ -106,11 +106,11 @@ def offline_inputs(cfg: Config, manifest: dict, folder: Path = LABELS) -> tuple[
                          f"decision is distill (offline); re-run the label stage")
     teacher = check_same_vocabulary(manifest)
     expected = settings_for_run(cfg.distill.top_k, cfg.distill.temperature, teacher, manifest,
-                                cfg.label, cfg.seed)
+                                cfg.label, cfg.seed, cfg.distill.label_kind, cfg.distill.samples)
     paths = [folder / s["label_file"] for s in labels["shards"]]
     check_label_settings(paths, expected)
     # hard labels carry no top-k: the loss is then cross-entropy on the teacher's generations
-    return paths, {"k": expected.k or None, "mode": expected.mode}
+    return paths, {"k": expected.k or None, "mode": expected.mode, "samples": expected.samples}
 
 
 def main() -> None:

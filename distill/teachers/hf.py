@@ -8,7 +8,7 @@ import json
 import numpy as np
 import torch
 
-from distill.losses import topk_labels
+from distill.losses import sampled_labels, topk_labels
 from distill.teachers.common import (block_problem, filler_topk, generation_seed,
                                      label_labelable)
 
@@ -52,18 +52,26 @@ class HFLabeler:
     first ``prompt_tokens`` of the block), ``hard+soft`` (and keeps the top-k of every
     generated position). ``generation`` is the JSON of
     :func:`distill.labels.generation_settings`.
+
+    ``samples`` > 0 (soft mode): sampled (RS-KD) labels instead of top-k — ``samples`` draws
+    per position from the teacher at τ, seeded per block from ``sample_seed`` (a block's
+    labels do not depend on its batch), K = ``samples`` columns (:func:`_sampled`).
     """
 
     def __init__(self, model_dir: str, k: int, temperature: float, vocab_size: int,
                  dtype: str = "float32", use_gpu: bool = False, trust_remote_code: bool = False,
                  block_size: int | None = None, mode: str = "soft", generation: str = "",
-                 eos_id: int | None = None, pad_id: int | None = None):
+                 eos_id: int | None = None, pad_id: int | None = None, samples: int = 0,
+                 sample_seed: int = 0):
         from distill.models import load_causal_lm, pick_device
 
         torch.set_num_threads(1)  # one actor per CPU: Ray sizes the pool, not torch
         device = pick_device(use_gpu)
         model = load_causal_lm(model_dir, trust_remote_code, DTYPES[dtype]).to(device).eval()
         self._attach(model, k, temperature, vocab_size, block_size, mode, generation, eos_id, pad_id)
+        if samples and mode != "soft":
+            raise ValueError(f"sampled labels (samples = {samples}) need mode soft, got {mode!r}")
+        self.samples, self.sample_seed = samples, sample_seed
 
     @classmethod
     def from_model(cls, model, k: int, temperature: float, vocab_size: int,
@@ -71,6 +79,7 @@ class HFLabeler:
         """A soft labeler around a model already loaded (the teacher stage's L_T)."""
         labeler = cls.__new__(cls)
         labeler._attach(model.eval(), k, temperature, vocab_size, block_size, "soft", "", None, None)
+        labeler.samples, labeler.sample_seed = 0, 0
         return labeler
 
     def _attach(self, model, k: int, temperature: float, vocab_size: int, block_size: int | None,
@@ -88,16 +97,18 @@ class HFLabeler:
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         needed = (self.gen["prompt_tokens"] + self.gen["max_new_tokens"]) if self.gen else None
-        k = 0 if self.mode == "hard" else min(self.k, self.vocab)
+        k = 0 if self.mode == "hard" else min(self.samples or self.k, self.vocab)
 
         def label(ids: np.ndarray, blocks: list[str]) -> dict[str, np.ndarray]:
             ids = torch.from_numpy(ids).to(self.device)
+            if self.samples:
+                return self._sampled(ids, blocks)
             return self._soft(ids) if self.mode == "soft" else self._hard(ids, blocks, k)
 
         return label_labelable(
             batch, self.block_size, k,
             lambda row, t: block_problem(row, t, self.vocab, self.max_positions, needed), label,
-            needs_block_id=self.mode != "soft")
+            needs_block_id=self.mode != "soft" or bool(self.samples))
 
     def _soft(self, ids: torch.Tensor) -> dict[str, np.ndarray]:
         """Teacher forcing: top-k at every position and the NLL of the real next tokens."""
@@ -114,6 +125,27 @@ class HFLabeler:
                 "topk_ids": labels.ids.view(b, p * k).to(torch.int32).cpu().numpy(),
                 "topk_logprobs": labels.logprobs.view(b, p * k).to(torch.float16).cpu().numpy(),
                 "rest_logprob": labels.rest.view(b, p).to(torch.float16).cpu().numpy(),
+                "teacher_nll": nll.to(torch.float32).cpu().numpy()}
+
+    def _sampled(self, ids: torch.Tensor, block_ids: list[str]) -> dict[str, np.ndarray]:
+        """Teacher forcing, RS-KD labels: ``samples`` draws per position at τ (distinct ids,
+        log-frequencies, rest −inf), each block's draws from its own seeded generator, and
+        the NLL of the real next tokens."""
+        logits = self.model(input_ids=ids[:, :-1]).logits[..., : self.vocab].float()
+        b, p, v = logits.shape
+        per_block = [sampled_labels(logits[i], self.samples, self.temperature,
+                                    torch.Generator(device=logits.device).manual_seed(
+                                        generation_seed(self.sample_seed, bid)))
+                     for i, bid in enumerate(block_ids)]
+        width = per_block[0].ids.shape[-1]
+        target_logit = logits.gather(-1, ids[:, 1:, None]).squeeze(-1)
+        nll = (torch.logsumexp(logits, -1) - target_logit).mean(-1)
+        return {"input_ids": ids.to(torch.int32).cpu().numpy(),
+                "topk_ids": torch.stack([x.ids for x in per_block]).view(b, p * width)
+                .to(torch.int32).cpu().numpy(),
+                "topk_logprobs": torch.stack([x.logprobs for x in per_block]).view(b, p * width)
+                .to(torch.float16).cpu().numpy(),
+                "rest_logprob": torch.stack([x.rest for x in per_block]).to(torch.float16).cpu().numpy(),
                 "teacher_nll": nll.to(torch.float32).cpu().numpy()}
 
     def _hard(self, ids: torch.Tensor, block_ids: list[str], k: int) -> dict[str, np.ndarray]:

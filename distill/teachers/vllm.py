@@ -18,13 +18,20 @@ Conventions (read from vLLM's source: ``vllm/logprobs.py``, ``vllm/v1/engine/log
   ``log_softmax(logits/τ)`` cannot be rebuilt from the τ = 1 top-k alone, so τ ≠ 1 is
   refused (:func:`check_settings`).
 * **Rest mass**: ``rest = log(1 - Σ_topk p)``, computed in float64 from vLLM's float32
-  log-probs with a stable log(1 - e^x). Those log-probs fix the rest *mass* only to about
-  1e-7 absolute, so where the mass is that small its log is imprecise (-17 may come out as
-  -20; the loss feels it at the 1e-7 scale only). When the actual token lies outside the
-  top k, its probability is a sure lower bound of the rest mass and is used if rounding made
-  the difference smaller. ``-inf`` only where the computed remaining mass is exactly 0: when
-  K ≥ ``vocab_size`` (nothing outside, as in :func:`distill.losses.topk_labels`) or when the
-  kept mass rounds to 1 (the loss clamps it to ``LOG_FLOOR``). No other floor is applied.
+  log-probs with a stable log(1 - e^x) (:func:`rest_logmass`). vLLM returns only the top k,
+  so this is the one way to get the rest, and it is as precise as those log-probs: if each is
+  off by at most δ (float32 rounding of log-probs of size |ℓ| is δ ≈ 6e-8·|ℓ|), the rest
+  *mass* R is within (e^δ − 1)·(1 − R) of the truth (tested in ``tests/unit/test_rest_mass.py``).
+  Its log is therefore good to about δ/R: fine while R ≫ δ, noise where R ≲ 1e-6 (a confident
+  teacher; -17 may come out as -20). The HF backend has no such limit: it takes the rest from
+  the logits outside the top k (:func:`distill.losses.topk_labels`), exact to float32 rounding
+  of log R itself. The error matters where the loss weighs log R heavily: reverse KL and JSD
+  with a student that keeps real mass outside a confident teacher's top k; use the HF backend
+  there. When the actual token lies outside the top k, its probability is a sure lower bound
+  of the rest mass and is used if rounding made the difference smaller. ``-inf`` only where
+  the computed remaining mass is exactly 0: when K ≥ ``vocab_size`` (nothing outside, as in
+  :func:`distill.losses.topk_labels`) or when the kept mass rounds to 1 (the loss clamps it to
+  ``LOG_FLOOR``). No other floor is applied.
 * **Vocabulary**: vLLM's softmax runs over all of the model's embedding rows, padding rows
   beyond the tokenizer's ``vocab_size`` included (the HF backend drops them before the
   softmax). A padding id in a top k is refused, naming it; their (normally negligible)
