@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -20,28 +20,13 @@ ROOT = Path(__file__).resolve().parents[2]
 PEAK_RSS_MB = 1000  # measured 442 and 498 MB (2 shared cores, 2026-11-29)
 
 
-def write_word_corpus(folder: Path, megabytes: int, seed: int = 0) -> int:
-    """A seeded corpus of about ``megabytes`` MB: a fifth in four big files (cut into
-    pieces by prepare), the rest in 100 kB files; returns its size in bytes."""
-    rng = random.Random(seed)
-    words = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9)))
-             for _ in range(5000)]
-    folder.mkdir(parents=True)
-    total, target, i = 0, megabytes * 1_000_000, 0
-    while total < target:
-        size = 50_000_000 if i < 4 and megabytes >= 250 else (
-            target // 20 if i < 4 else 100_000)
-        lines = []
-        n = 0
-        while n < size:
-            line = " ".join(rng.choices(words, k=rng.randint(3, 15)))
-            lines.append(line + ("\n\n" if rng.random() < 0.2 else "\n"))
-            n += len(line) + 1
-        data = "".join(lines).encode()
-        (folder / f"f{i:05d}.txt").write_bytes(data)
-        total += len(data)
-        i += 1
-    return total
+def write_word_corpus(folder: Path, megabytes: int) -> int:
+    """The benchmark's seeded corpus (``benchmarks/prepare_scale.py``): one generator, so the
+    bound here and the figures there are about the same text."""
+    spec = importlib.util.spec_from_file_location("prepare_scale", ROOT / "benchmarks" / "prepare_scale.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.write_word_corpus(folder, megabytes)
 
 
 def test_peak_memory_of_prepare_on_200_mb(tmp_path):
