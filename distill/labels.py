@@ -111,8 +111,10 @@ def settings_for_run(top_k: int, temperature: float, teacher: dict, manifest: di
     from distill.teachers import resolve_backend
 
     label = label if label is not None else LabelConfig(mode="soft")
-    backend = resolve_backend(label.backend, temperature)
     sampled = kind == "sampled"
+    # sampling needs the teacher's full softmax, which only HF gives (vLLM: top k): `auto`
+    # means HF for sampled labels. Decided here only, so the key names the labeler that runs.
+    backend = "hf" if sampled and label.backend == "auto" else resolve_backend(label.backend, temperature)
     width = samples if sampled else top_k
     return LabelSettings(teacher_fingerprint=teacher["fingerprint"],
                          tokenizer_hash=manifest["tokenizer"]["hash"],
@@ -307,7 +309,11 @@ def read_label_settings(path: str | Path) -> LabelSettings:
     if found.get("format") != FORMAT_VERSION:
         raise ValueError(f"{path}: label format {found.get('format')}, this code reads format "
                          f"{FORMAT_VERSION}; re-run the label stage")
-    return LabelSettings(**found)
+    try:
+        return LabelSettings(**found)
+    except TypeError as exc:  # fields this code does not know (made by other code, same format)
+        raise ValueError(f"{path}: label settings {sorted(found)} are not readable by this code "
+                         f"({exc}); re-run the label stage") from exc
 
 
 def check_label_settings(paths: list[Path], expected: LabelSettings) -> None:

@@ -33,7 +33,6 @@ from distill.labels import (KEEP_SETTINGS, LabelSettings, compact_shard, index_l
                             labels_table, mark_used, plan_labels, retention_plan, settings_for_run,
                             shard_name, write_error_table, write_label_shard)
 from distill.raylocal import init_ray
-from distill.teachers import resolve_backend
 from tasks.common import (DECISION, LABELS, PREPARED, TEACHER_DIR, TEACHER_JSON, log_to_mlflow,
                           stage_main, write_skipped)
 
@@ -55,7 +54,7 @@ def run(cfg: Config, out: Path = LABELS) -> dict:
     result = label_train_blocks(cfg, out, read_json(TEACHER_JSON), read_json(PREPARED / "manifest.json"))
     log_to_mlflow(params={"label": {"k": result["settings"]["k"], "temperature": cfg.distill.temperature,
                                     "mode": cfg.label.mode,
-                                    "backend": resolve_backend(cfg.label.backend, cfg.distill.temperature)}},
+                                    "backend": result["settings"]["backend"]}},
                   metrics={"label_" + k: v for k, v in result.items() if isinstance(v, (int, float))},
                   artifacts=[out / ERRORS_FILE] if result["errors"] else None)
     return result
@@ -126,9 +125,7 @@ def label_blocks(cfg: Config, missing: list[str], settings: LabelSettings, manif
     A Ray Data actor pool does the work, except that the HF backend labels at most
     ``label.inline_blocks`` pending blocks in this process: same labeler, same batches, same
     shards, without the seconds of starting Ray and a worker that loads the teacher."""
-    backend = resolve_backend(cfg.label.backend, cfg.distill.temperature)
-    if settings.kind == "sampled" and cfg.label.backend == "auto":
-        backend = "hf"  # sampling needs the full softmax; vLLM gives only the top k
+    backend = settings.backend  # resolved once, in settings_for_run
     writer = ShardWriter(out, settings, cfg.data.shard_blocks, total=len(missing))
     if backend == "hf" and len(missing) <= cfg.label.inline_blocks:
         print(f"labeling in this process ({len(missing)} ≤ label.inline_blocks = {cfg.label.inline_blocks})")

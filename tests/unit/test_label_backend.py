@@ -59,3 +59,19 @@ def test_more_gpus_than_the_cluster_has_is_refused_rather_than_hanging():
     with pytest.raises(ValueError, match="never be scheduled"):
         actor_gpus(label(backend="hf", gpus_per_actor=1), "hf", cuda=False, cluster_gpus=0)
     assert actor_gpus(label(backend="hf"), "hf", cuda=True, cluster_gpus=0) == 0
+
+
+def test_sampled_labels_with_auto_backend_are_keyed_as_the_hf_labeler_that_makes_them(monkeypatch):
+    """On a host where `auto` means vLLM, sampled labels are made by HF (vLLM gives only the
+    top k): the settings, which key the cache, must name HF and its code."""
+    import distill.teachers as teachers
+    from distill.config import LabelConfig
+    from distill.labels import labeler_code_fingerprint, settings_for_run
+
+    monkeypatch.setattr(teachers, "resolve_backend", lambda backend, temperature=1.0: "vllm")
+    teacher = {"fingerprint": "t"}
+    manifest = {"tokenizer": {"hash": "h", "vocab_size": 512}}
+    sampled = settings_for_run(32, 1.0, teacher, manifest, LabelConfig(backend="auto"), 0, "sampled", 16)
+    assert sampled.backend == "hf" and sampled.code == labeler_code_fingerprint("hf")
+    topk = settings_for_run(32, 1.0, teacher, manifest, LabelConfig(backend="auto"), 0, "topk", 0)
+    assert topk.backend == "vllm" and topk.code == labeler_code_fingerprint("vllm")

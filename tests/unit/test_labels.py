@@ -358,3 +358,16 @@ def test_label_stage_writes_an_explicit_skipped_manifest(tmp_path, monkeypatch, 
     manifest = json.loads((tmp_path / "labels/manifest.json").read_text())
     assert result == manifest and manifest["status"] == "skipped" and why in manifest["reason"]
     assert f"label stage skipped: {manifest['reason']}" in capsys.readouterr().out
+
+
+def test_a_shard_with_unknown_settings_fields_is_named_not_a_type_error(tmp_path):
+    import pyarrow as pa
+
+    from distill.labels import FORMAT_VERSION, META_KEY
+
+    meta = {"format": FORMAT_VERSION, "teacher_fingerprint": "t", "tokenizer_hash": "h", "k": 4,
+            "temperature": 1.0, "a_field_from_other_code": 1}
+    table = pa.table({"block_id": ["b"]}).replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
+    pq.write_table(table, tmp_path / "labels-x.parquet")
+    with pytest.raises(ValueError, match="labels-x.parquet: label settings .* not readable by this code"):
+        read_label_settings(tmp_path / "labels-x.parquet")
