@@ -52,7 +52,7 @@ class DataConfig:
     # Document tails (shorter than a block) are packed in this many buckets by document hash:
     # an added document changes only tail blocks of its bucket (more buckets: fewer relabeled
     # blocks, more dropped remainders — each bucket's last partial block).
-    tail_buckets: int = field(default=16, metadata=_range(1, 1_000_000))
+    tail_buckets: int = field(default=16, metadata=_range(1, 256))  # one spill file each while packing
     # The BPE trains on the train documents in hash order up to this many characters (a
     # deterministic sample; the whole train split of a small corpus).
     tokenizer_sample_chars: int = field(default=20_000_000, metadata=_range(1000))

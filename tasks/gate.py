@@ -9,6 +9,7 @@ query is inside their support) and the decision map PNG.
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from pathlib import Path
 
@@ -71,7 +72,9 @@ def branch_steps(cfg: Config, manifest: dict, decision) -> dict[str, int]:
                               cfg.train.num_workers)
     steps = {"supervised": cfg.train.steps, "distill": cfg.train.steps}
     if decision.query.charges_teacher:
-        steps["distill"] = min(cfg.train.steps, int(decision.distill.tokens // per_step))
+        # the tokens come back from FLOPs through floats: a whole number of steps may land a
+        # hair below itself (best-case charges nothing and must give train.steps)
+        steps["distill"] = min(cfg.train.steps, math.floor(decision.distill.tokens / per_step + 1e-6))
     return steps
 
 

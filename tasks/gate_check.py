@@ -38,8 +38,15 @@ def run(cfg: Config) -> dict:
     decision = read_json(DECISION)
     trained = _trained_branch(decision, read_json(TRAIN_REPORT))
     other = _other(trained)
+    steps = (decision.get("train_steps") or {}).get(other, cfg.train.steps)
+    if steps < 1:
+        # compute-limited: the teacher's costs took the whole budget, so that branch cannot
+        # train at all and the call was not a choice; it is not counted in the record
+        print(f"gate check: {other} gets 0 steps under this budget ({DECISION}: train_steps); "
+              "nothing to train and no call to score")
+        return {"status": "infeasible", "trained_by_pipeline": trained, "infeasible": other}
     print(f"gate check: the pipeline trained {trained}; training {other} on the same data and budget "
-          f"({(decision.get('train_steps') or {}).get(other, cfg.train.steps)} steps)")
+          f"({steps} steps)")
     labels = _labels_for(cfg, other)
     from tasks.train import run as train_branch
 

@@ -4,6 +4,7 @@ the steps each branch trains for, on a real MLflow store (sqlite in a temp folde
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -13,6 +14,8 @@ from distill.config import load_config
 from distill.io import write_json
 from flows.report import gate_calls, render_markdown, RunFacts
 from tasks.gate_check import VERDICT, _log, _trained_branch, score_call, summary_line
+
+ROOT = Path(__file__).resolve().parents[2]
 
 DECISION = {"decision": "distill", "law_decision": "distill", "loss_margin": 0.12, "question": "data-limited",
             "scenario": "teacher-inference", "coefficients": "calibrated", "in_support": True,
@@ -94,9 +97,35 @@ def test_compute_limited_decision_gives_distillation_fewer_steps(tmp_path):
     per_step = tokens / cfg.train.steps
     assert steps["supervised"] == cfg.train.steps
     assert steps["distill"] == int(compute.distill.tokens // per_step) < cfg.train.steps
+    # a scenario that charges the teacher nothing leaves both branches the same steps, at any
+    # budget and student size (the tokens come back from FLOPs through floats)
+    for n_s in (1e5, 54321.0, 3.3e6):
+        for train_steps in (10, 299, 395):
+            c = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=train_steps))
+            t = tokens_per_run(c.train, 128, c.train.num_workers)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                free = decide(GateQuery(question="compute-limited", **{**kw, "student_params": n_s,
+                                                                      "student_tokens": float(t),
+                                                                      "scenario": "best-case"}), PAPER)
+            assert branch_steps(c, manifest, free) == {"supervised": train_steps, "distill": train_steps}
     trained = with_branch_steps(cfg, {"train_steps": steps}, "distill")
     assert trained.train.steps == steps["distill"] < cfg.train.steps
     assert trained.train.warmup_steps < trained.train.steps
     assert with_branch_steps(cfg, {}, "distill") is cfg  # a decision without train_steps: unchanged
     with pytest.raises(ValueError, match="train_steps.distill = 0"):
         with_branch_steps(cfg, {"train_steps": {"distill": 0}}, "distill")
+
+
+def test_gate_check_of_a_branch_the_budget_leaves_no_steps_trains_nothing(tmp_path, monkeypatch):
+    """Compute-limited, the teacher's costs took the whole budget: distillation was no choice,
+    so the check trains nothing and records no call."""
+    import tasks.gate_check as gate_check
+    from distill.io import write_json
+
+    monkeypatch.chdir(tmp_path)
+    write_json(gate_check.DECISION, {"decision": "supervised", "train_steps": {"supervised": 300, "distill": 0}})
+    write_json(gate_check.TRAIN_REPORT, {"mode": "supervised", "val_loss": 4.6})
+    result = gate_check.run(load_config(ROOT / "params.yaml"))
+    assert result == {"status": "infeasible", "trained_by_pipeline": "supervised", "infeasible": "distill"}
+    assert not gate_check.CALLS.exists()

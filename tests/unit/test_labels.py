@@ -328,6 +328,7 @@ def test_training_step_on_each_label_mode(tiny_teacher_dir, tmp_path, mode):
     ({"label": {"backend": "vllm", "gpus_per_actor": 1, "tensor_parallel_size": 2}},
      "label.tensor_parallel_size (2) needs label.gpus_per_actor ≥ 2"),
     ({"data": {"tail_buckets": 0}}, "data.tail_buckets = 0 is out of range"),
+    ({"data": {"tail_buckets": 257}}, "data.tail_buckets = 257 is out of range"),
 ])
 def test_label_config_errors_name_the_key(raw, fragment):
     from distill.config import ConfigError, build_config
