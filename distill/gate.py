@@ -764,14 +764,14 @@ def plot_decision_map(query: GateQuery, coefs: CoefficientSet, path: str | Path,
     ax.set_ylabel("log10 student tokens D_S")
     charged = ("compute-limited: the teacher's costs charged at the query"
                if query.charges_teacher else "data-limited: equal tokens, teacher cost not charged")
-    ax.set_title(f"distil or supervised? {decision.decision} ({charged})\nscenario {decision.scenario}, "
+    ax.set_title(f"distill or supervised? {decision.decision} ({charged})\nscenario {decision.scenario}, "
                  f"coefficients {coefs.name!r}, teacher L_T = {decision.distill.teacher_loss:.4g}\n"
                  "colours compare both branches at equal student tokens", fontsize=9)
     ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, fontsize=8,
               frameon=False)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=100)
+    fig.savefig(path, format="png", dpi=100, bbox_inches="tight")  # the legend sits below the axes
     return path
 
 
