@@ -17,7 +17,10 @@ ROOT = Path(__file__).resolve().parents[2]
 # The bound: the in-memory prepare this replaced needed ~130 bytes per token (~13 GB here: 100 M tokens).
 # What remains is the interpreter with tokenizers/pyarrow (~250 MB), the tokenizer sample
 # (20 MB of text) and its BPE training, a partition of the corpus, the hashes and the index.
-PEAK_RSS_MB = 1000  # measured 442 and 498 MB (2 shared cores, 2026-11-29)
+# The issue's goal for a corpus of any size is 1.5 GB. Measured here 442, 498 and (in a full
+# suite run beside a `make run`) 1113 MB: the spread is not explained yet (the tokenizer's
+# threads' allocations are the suspect), so the bound is the goal, not the best run.
+PEAK_RSS_MB = 1500
 
 
 def write_word_corpus(folder: Path, megabytes: int) -> int:
