@@ -1,4 +1,7 @@
-"""Integration fixtures: one shared local Ray for the session, tiny projects in temp git repos."""
+"""Integration fixtures: one shared local Ray and one Prefect server per test session (per
+pytest-xdist worker), tiny projects in temp git repos, and a base project (prepare and teacher
+already run by `dvc repro`) built once per session and copied into the modules that start
+from those two stages."""
 
 from __future__ import annotations
 
@@ -68,8 +71,11 @@ def shared_ray(tmp_path_factory):
     port = str(free_port())
     # A loopback-only head for the tests: no token auth, so stage subprocesses just join.
     os.environ["RAY_AUTH_MODE"] = "disabled"
+    # Every port free-picked: two sessions (or two xdist workers) each run a head on this
+    # machine, and the agent's and metrics' default ports are fixed numbers.
     run([str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2",
          "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}",
+         f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
          "--object-store-memory=300000000"], cwd=temp)
     os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
     yield os.environ["RAY_ADDRESS"]
@@ -139,3 +145,112 @@ def deep_merge(base: dict, override: dict) -> dict:
     for key, value in override.items():
         out[key] = deep_merge(base.get(key, {}), value) if isinstance(value, dict) else value
     return out
+
+
+# --- One Prefect server per session -------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory):
+    """One `prefect server start` on a free loopback port for the session (each xdist worker
+    its own), named by PREFECT_API_URL for every flow the tests start, in this process and in
+    the `distill run` / `distill calibrate` subprocesses: each would otherwise start Prefect's
+    temporary server of its own (about 14 s each here). Yields the API URL."""
+    home = tmp_path_factory.mktemp("prefect-session")
+    url = f"http://127.0.0.1:{free_port()}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": url,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_UI_ENABLED": "false",
+           # nothing here is scheduled: the scheduler would only spend CPU
+           "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false"}
+    port = url.rsplit(":", 1)[1].split("/")[0]
+    log = home / "server.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", port,
+                                 "--no-ui", "--analytics-off"], env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    previous = os.environ.get("PREFECT_API_URL")
+    try:
+        wait_for_health(f"{url}/health", proc, log, timeout=240)
+        os.environ["PREFECT_API_URL"] = url
+        yield url
+    finally:
+        if previous is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = previous
+        stop_process_group(proc)
+
+
+def wait_for_health(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+    """Poll ``url`` until it answers 200; fail with the server's log if it exits or times out."""
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer (exit code {proc.poll()}):\n{log.read_text()[-4000:]}")
+
+
+def stop_process_group(proc: subprocess.Popen) -> None:
+    """Stop a process a fixture started in its own session, with its children."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+# --- One base project per session ---------------------------------------------------------
+
+# The stages the base project has run. Their params (data, teacher, seed, train.num_workers,
+# train.cpus_per_worker, train.use_gpu, evaluate.max_blocks) are TINY_PARAMS' in every module
+# that copies the base, so `dvc repro` there finds them up to date and runs what follows.
+BASE_STAGES = ("prepare", "teacher")
+
+
+@pytest.fixture(scope="session")
+def base_project(tmp_path_factory, shared_ray) -> Path:
+    """A tiny project (TINY_PARAMS) after a real `dvc repro teacher` (prepare and teacher),
+    built once per test session: under pytest-xdist the first worker builds it and the others
+    wait for it (a file lock in the session's shared temp dir). Never changed after; modules
+    take copies (``copy_project``)."""
+    from filelock import FileLock
+
+    # The workers of one xdist session share getbasetemp()'s parent; a plain session does not
+    # (that parent holds other sessions' temp dirs, built from other code).
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    shared = tmp_path_factory.getbasetemp().parent if worker else tmp_path_factory.getbasetemp()
+    base = shared / "base-project"
+    with FileLock(str(shared / "base-project.lock")):
+        if not (base / ".built").is_file():
+            if base.exists():  # a worker's build that failed half-way
+                shutil.rmtree(base)
+            make_project(base)
+            proc = run([str(BIN / "dvc"), "repro", *BASE_STAGES], cwd=base, timeout=1500)
+            (base / "base_repro.log").write_text(proc.stdout + proc.stderr)
+            (base / ".built").write_text("")
+    return base
+
+
+def copy_project(base: Path, path: Path, params: dict | None = None) -> Path:
+    """``make_project(path, params)`` with the base project's stages already run: a copy of
+    ``base`` (git repo, DVC cache, dvc.lock, data and models) with ``params`` written (and
+    committed) as make_project writes them. MLflow's store is left out (its experiment names
+    the base's absolute artifact folder), and so are the base's Ray Train run folders and
+    DVC's temp dir: the copy starts with an empty store, as a fresh project does."""
+    skip = {(base, "mlflow"), (base, "runs"), (base, ".built"), (base, "base_repro.log"),
+            (base / ".dvc", "tmp")}
+    shutil.copytree(base, path, symlinks=True,
+                    ignore=lambda folder, names: [n for n in names if (Path(folder), n) in skip])
+    (path / "mlflow").mkdir()
+    full = deep_merge(yaml.safe_load((ROOT / "params.yaml").read_text()), params or TINY_PARAMS)
+    (path / "params.yaml").write_text(yaml.safe_dump(full))
+    run(["git", "add", "params.yaml"], cwd=path)
+    run(["git", "commit", "-qm", "params", "--allow-empty"], cwd=path)
+    return path

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import BIN, TINY_SWEEP_CONFIGS, TINY_SWEEP_RUNS, calibrated_params, make_project, run
+from .conftest import BIN, TINY_SWEEP_CONFIGS, TINY_SWEEP_RUNS, calibrated_params, copy_project, run
 
 pytestmark = pytest.mark.integration
 
@@ -27,9 +27,11 @@ def mlflow_runs(project: Path) -> list:
 
 
 @pytest.fixture(scope="module")
-def calibrated(tmp_path_factory, shared_ray):
-    """A tiny project after `distill calibrate` (prepare, teacher, calibrate through DVC)."""
-    project = make_project(tmp_path_factory.mktemp("calibrate") / "project", calibrated_params())
+def calibrated(tmp_path_factory, shared_ray, prefect_api, base_project):
+    """A tiny project after `distill calibrate` (prepare, teacher, calibrate through DVC), on
+    the session's Prefect server; a copy of the session's base, so DVC finds prepare and
+    teacher done and the flow runs calibrate."""
+    project = copy_project(base_project, tmp_path_factory.mktemp("calibrate") / "project", calibrated_params())
     proc = run([str(BIN / "distill"), "calibrate", "--root", str(project)], cwd=project, timeout=1200)
     (project / "calibrate.log").write_text(proc.stdout + proc.stderr)
     return project, proc.stdout + proc.stderr

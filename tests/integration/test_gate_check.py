@@ -9,15 +9,15 @@ import json
 
 import pytest
 
-from .conftest import BIN, TINY_PARAMS, deep_merge, make_project, run
+from .conftest import BIN, TINY_PARAMS, copy_project, deep_merge, run
 
 pytestmark = pytest.mark.integration
 
 
-def test_gate_check_trains_the_other_branch_and_scores_the_call(tmp_path, shared_ray):
+def test_gate_check_trains_the_other_branch_and_scores_the_call(tmp_path, shared_ray, base_project):
     params = deep_merge(TINY_PARAMS, {"gate": {"force": "supervised", "question": "compute-limited",
                                                "scenario": "teacher-inference"}})
-    project = make_project(tmp_path / "project", params)
+    project = copy_project(base_project, tmp_path / "project", params)  # prepare, teacher run
     run([str(BIN / "dvc"), "repro"], cwd=project, timeout=1500)
     decision = json.loads((project / "gate/decision.json").read_text())
     assert decision["question"] == "compute-limited" and decision["scenario"] == "teacher-inference"

@@ -162,15 +162,17 @@ def test_bad_params_fail_before_any_work(repro_project, tmp_path):
     assert proc.returncode == 1 and "unknown key train.divergence" in proc.stderr
 
 
-def test_prefect_flow_runs_the_same_dag(repro_project, tmp_path_factory, shared_ray, monkeypatch):
-    """The Prefect flow, on its temporary local server, leaves the lock `dvc repro` leaves."""
-    from prefect.testing.utilities import prefect_test_harness
+def test_prefect_flow_runs_the_same_dag(repro_project, tmp_path_factory, shared_ray, prefect_api, monkeypatch):
+    """The Prefect flow, on the session's Prefect server, leaves the lock `dvc repro` leaves.
+    Its project is made fresh (not a copy of the base): its prepare must run on its own for
+    the determinism check below, and every stage's MLflow run must be its own."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.pipeline import pipeline
 
     project = make_project(tmp_path_factory.mktemp("flow") / "project", calibrated_params())
     monkeypatch.chdir(project)
-    with prefect_test_harness(server_startup_timeout=120):
+    with temporary_settings({PREFECT_API_URL: prefect_api}):
         summary = pipeline(root=str(project))
     assert [s["stage"] for s in summary["stages"]] == STAGES
     assert summary["decision"] == "distill" and math.isfinite(summary["student_val_loss"])

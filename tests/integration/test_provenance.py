@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import BIN, TINY_PARAMS, make_project, run
+from .conftest import BIN, TINY_PARAMS, copy_project, run
 
 pytestmark = pytest.mark.integration
 
@@ -39,10 +39,11 @@ def label_manifest(project: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, shared_ray):
-    """A tiny project after one full `dvc repro` (hf labels in float32)."""
+def project(tmp_path_factory, shared_ray, base_project):
+    """A tiny project after one full `dvc repro` (hf labels in float32), from a copy of the
+    session's base (prepare and teacher already run: the loss change below re-runs teacher)."""
     params = {**TINY_PARAMS, "label": {**TINY_PARAMS["label"], "backend": "hf", "dtype": "float32"}}
-    project = make_project(tmp_path_factory.mktemp("provenance") / "project", params)
+    project = copy_project(base_project, tmp_path_factory.mktemp("provenance") / "project", params)
     (project / "first_repro.log").write_text(dvc(project, "repro"))
     return project
 

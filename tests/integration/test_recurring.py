@@ -49,8 +49,9 @@ def artifact(client, run_id: str, name: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory, shared_ray):
-    """A project on a local corpus folder: one run, then documents added, then a second run."""
+def two_runs(tmp_path_factory, shared_ray, prefect_api):
+    """A project on a local corpus folder: one run, then documents added, then a second run
+    (both flows on the session's Prefect server)."""
     params = deep_merge(TINY_PARAMS, {"data": {"source": "corpus", "max_documents": 0}})
     project = make_project(tmp_path_factory.mktemp("recurring") / "project", params)
     files = corpus_files(FIRST + ADDED)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import BIN, make_project, run
+from .conftest import BIN, copy_project, run
 
 pytestmark = pytest.mark.integration
 
@@ -42,9 +42,10 @@ def cli(project: Path, *args: str, check: bool = True):
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory, shared_ray):
-    """First run (20 train steps), second run with 3 steps: only gate..evaluate re-run."""
-    project = make_project(tmp_path_factory.mktemp("registry") / "project")
+def two_runs(tmp_path_factory, shared_ray, base_project):
+    """First run (20 train steps), second run with 3 steps: only gate..evaluate re-run.
+    The project is a copy of the session's base (prepare and teacher already run)."""
+    project = copy_project(base_project, tmp_path_factory.mktemp("registry") / "project")
     repro(project)
     first = json.loads((project / "reports/metrics.json").read_text())
     set_params(project, "train", steps=3, warmup_steps=1, eval_every=3, checkpoint_every=3)

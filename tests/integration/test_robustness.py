@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import BIN, TINY_PARAMS, deep_merge, free_port, make_project, run
+from .conftest import BIN, TINY_PARAMS, copy_project, deep_merge, free_port, make_project, run
 
 pytestmark = pytest.mark.integration
 
@@ -67,11 +67,13 @@ def test_unreachable_tracking_store_fails_before_any_compute(tmp_path, monkeypat
 
 
 @pytest.fixture(scope="module")
-def contested_project(tmp_path_factory, shared_ray):
-    """A tiny project whose pipeline run had a second run started beside it."""
+def contested_project(tmp_path_factory, shared_ray, prefect_api, base_project):
+    """A tiny project whose pipeline run had a second run started beside it (flows on the
+    session's Prefect server; the project a copy of the session's base: prepare and teacher
+    already run, the first run still holds the lock through gate, label, train, evaluate)."""
     from flows.runlock import lock_path, read_holder
 
-    project = make_project(tmp_path_factory.mktemp("contested") / "project")
+    project = copy_project(base_project, tmp_path_factory.mktemp("contested") / "project")
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     log = project.parent / "first.log"
     with log.open("w") as out:

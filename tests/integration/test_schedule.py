@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from .conftest import BIN, ROOT, free_port, make_project
+from .conftest import BIN, ROOT, copy_project, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -85,8 +85,9 @@ def _healthy(url: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    return make_project(tmp_path_factory.mktemp("scheduled") / "project")
+def project(tmp_path_factory, base_project):
+    """A copy of the session's base project (prepare and teacher already run)."""
+    return copy_project(base_project, tmp_path_factory.mktemp("scheduled") / "project")
 
 
 def test_served_deployment_has_its_schedule_and_runs_the_pipeline(prefect_server, shared_ray, project):
