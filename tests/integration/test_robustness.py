@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import BIN, TINY_PARAMS, copy_project, deep_merge, free_port, make_project, run
+from .conftest import (BIN, TINY_PARAMS, copy_project, deep_merge, free_port, make_project, run,
+                       stop_process_group)
 
 pytestmark = pytest.mark.integration
 
@@ -201,7 +202,6 @@ def test_mlflow_server_over_the_project_store_passes_the_check(tmp_path):
         with mlflow.start_run(experiment_id=experiment, tags={"distill.flow": "pipeline"}):
             mlflow.log_metric("x", 1.0)
     finally:
-        os.killpg(server.pid, 15)  # the server and the workers it started
-        server.wait(30)
+        stop_process_group(server)  # the server and the workers it started (SIGKILL after 30 s)
     (logged,) = pipeline_runs(project)
     assert logged.data.metrics["x"] == 1.0
