@@ -84,7 +84,9 @@ def test_cut_prefers_paragraphs_then_lines_then_characters():
 
 def test_streamed_normalise_and_cut_equal_the_whole_text():
     rng = random.Random(1)
-    alphabet = ["a", "b", " ", "\t", "\n", "\r", "\r\n", "e\u0301", "\u0301", "x  "]
+    # CJK, Hangul jamo that compose (L+V, LV+T), an ideographic space: the long-line cuts
+    alphabet = ["a", "b", " ", "\t", "\n", "\r", "\r\n", "e\u0301", "\u0301", "x  ", "\u4e00",
+                "\u1100", "\u1161", "\uac00", "\u11a8", "\u3000", "\u212b", "\u0344"]
     for _ in range(2000):
         raw = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 80)))
         norm, out, i = _StreamNormaliser(long_line=rng.randint(1, 20)), [], 0
@@ -103,6 +105,36 @@ def test_streamed_normalise_and_cut_equal_the_whole_text():
             j += k
         pieces += cutter.finish()
         assert pieces == split_text(text, size)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("shape", ["cjk", "base64", "combining"])
+def test_a_long_line_without_spaces_is_cut_in_linear_time(tmp_path, shape):
+    """A one-line file with no ASCII whitespace (CJK text, base64) or no character NFC may
+    restart at: 4 M characters read 4 kB at a time (2 000 to 3 000 reads) with a
+    256-character long-line limit. A normaliser that rescans its unfinished line at each
+    read does billions of character steps (many minutes); a linear one takes a second."""
+    rng = random.Random(3)
+    n = 4_000_000
+    if shape == "cjk":
+        text = "".join(chr(0x4E00 + rng.randrange(20_000)) for _ in range(n))
+    elif shape == "base64":
+        import base64
+        text = base64.b64encode(rng.randbytes(n * 3 // 4)).decode()
+    else:  # only combining marks after one letter: no cut point at all until the end
+        text = "a" + "\u0301" * (n - 1)
+    raw = text.encode()
+    norm, cutter, pieces = _StreamNormaliser(long_line=256), _PieceCutter(200_000), []
+    import codecs
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    for i in range(0, len(raw), 4096):
+        pieces += cutter.feed(norm.feed(decoder.decode(raw[i:i + 4096])))
+    pieces += cutter.feed(norm.feed(decoder.decode(b"", final=True), final=True))
+    pieces += cutter.finish()
+    whole = normalise(text)
+    assert "".join(p for _, p in pieces) == whole          # every character accounted for
+    assert [o for o, _ in pieces] == list(range(0, len(whole), 200_000))
+    assert max(len(p) for _, p in pieces) == 200_000
 
 
 def test_stable_block_writer_equals_the_in_memory_packing(tmp_path):
