@@ -111,7 +111,9 @@ def run_prepare(corpus: Path, out: Path, engine: str) -> dict:
         raise RuntimeError(f"prepare ({engine}) failed:\n{stderr[-3000:]}")
     result = json.loads(stdout.split("RESULT ", 1)[1].splitlines()[0])
     phases = dict(re.findall(r"(\w+) ([\d.]+)", stdout.split("prepare seconds: ", 1)[1].splitlines()[0]))
+    peaks = dict(re.findall(r"(\w+) ([\d.]+)", stdout.split("prepare peak RSS MB: ", 1)[1].splitlines()[0]))
     return {**result, "wall_s": wall, "phases": {k: float(v) for k, v in phases.items()},
+            "phase_peak_mb": {k: float(v) for k, v in peaks.items()},
             "ray_workers_mb": workers.peak / 2**20}
 
 
@@ -161,7 +163,8 @@ def main() -> None:
                 print(f"{size / 1e6:6.0f} {engine:>6} {r['wall_s']:8.1f} {size / 1e6 / r['wall_s']:7.2f} "
                       f"{r['rss_mb']:12.0f} {r['ray_workers_mb']:13.0f} {pack:7.1f} "
                       f"{size / 1e6 / pack:10.2f} {raw:16.2f} {size / 1e6 / pack / raw:9.2f}", flush=True)
-                print(f"       phases (s): {r['phases']}", flush=True)
+                print(f"       phases (s): {r['phases']}; peak RSS at each phase's end (MB): "
+                      f"{r['phase_peak_mb']}", flush=True)
                 shutil.rmtree(out)
             shutil.rmtree(corpus)
     finally:

@@ -607,16 +607,16 @@ def scan_corpus(source: str, text_field: str, max_chars: int, spill_dir: Path, *
     spill_dir.mkdir(parents=True, exist_ok=True)
     paths = [spill_dir / f"part-{i:03d}.bin" for i in range(PARTITIONS)]
     files = [open(p, "wb") for p in paths]
-    seen: set[str] = set()
+    seen: set[bytes] = set()    # 32-byte digests (~100 bytes a document with the set's own)
     sample = _SamplePrefix(sample_chars)
     try:
         for doc in iter_documents(source, text_field, max_chars, stats):
-            if doc.sha in seen:
+            digest = bytes.fromhex(doc.sha)
+            if digest in seen:
                 stats.duplicates += 1
                 stats.duplicate_chars += len(doc.text)
                 continue
-            seen.add(doc.sha)
-            digest = bytes.fromhex(doc.sha)
+            seen.add(digest)
             origin, text = doc.origin.encode("utf-8"), doc.text.encode("utf-8")
             f = files[digest[0]]
             f.write(_RECORD.pack(digest, doc.offset, len(origin), len(text)))
@@ -631,7 +631,7 @@ def scan_corpus(source: str, text_field: str, max_chars: int, spill_dir: Path, *
         raise CorpusError(no_documents_message(source, stats))
     threshold = ""
     if max_documents and max_documents < len(seen):
-        threshold = heapq.nsmallest(max_documents, seen)[-1]
+        threshold = heapq.nsmallest(max_documents, seen)[-1].hex()
     texts = sample.texts(threshold)
     return ScanResult(stats=stats, partitions=paths, unique=len(seen), threshold=threshold,
                       sample=texts, sample_chars=sum(map(len, texts)))
@@ -674,19 +674,24 @@ class _Desc:
 
 
 def iter_partition(path: Path, threshold: str) -> Iterator[Document]:
-    """The documents of one spill partition in hash order (those above ``threshold`` left out)."""
-    data = path.read_bytes()
-    docs, pos = [], 0
-    while pos < len(data):
-        digest, offset, n_origin, n_text = _RECORD.unpack_from(data, pos)
-        pos += _RECORD.size
-        origin = data[pos:pos + n_origin].decode("utf-8")
-        pos += n_origin
-        sha = digest.hex()
-        if not threshold or sha <= threshold:
-            docs.append(Document(text=data[pos:pos + n_text].decode("utf-8"), sha=sha,
-                                 origin=origin, offset=offset))
-        pos += n_text
-    del data
-    docs.sort(key=lambda d: d.sha)
-    return iter(docs)
+    """The documents of one spill partition in hash order (those above ``threshold`` left out),
+    one at a time: a first pass reads only the records' headers (hash, place in the file),
+    they are sorted, and each text is read when its turn comes. Memory: ~100 bytes a
+    document of the partition, whatever the texts' size (the reads come from the page
+    cache: the partition was written just before)."""
+    limit = bytes.fromhex(threshold) if threshold else None
+    index = []
+    with open(path, "rb") as f:
+        pos = 0
+        while header := f.read(_RECORD.size):
+            digest, offset, n_origin, n_text = _RECORD.unpack(header)
+            if limit is None or digest <= limit:
+                index.append((digest, pos + _RECORD.size, offset, n_origin, n_text))
+            pos += _RECORD.size + n_origin + n_text
+            f.seek(pos)
+        index.sort()
+        for digest, at, offset, n_origin, n_text in index:
+            f.seek(at)
+            origin = f.read(n_origin).decode("utf-8")
+            yield Document(text=f.read(n_text).decode("utf-8"), sha=digest.hex(), origin=origin,
+                           offset=offset)

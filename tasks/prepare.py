@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import resource
 import shutil
 import time
 from collections.abc import Iterator
@@ -49,7 +50,7 @@ class Ordered:
 def run(cfg: Config, out: Path = PREPARED) -> dict:
     """Build ``out`` (tokenizer/, train/, val/, manifest.json); returns the manifest."""
     d = cfg.data
-    clock = [time.perf_counter()]
+    clock, peaks = [time.perf_counter()], []
     with atomic_dir(out) as tmp:
         spill = tmp / ".spill"
         scan = scan_corpus(d.source, d.text_field, d.max_doc_chars, spill / "docs",
@@ -58,8 +59,11 @@ def run(cfg: Config, out: Path = PREPARED) -> dict:
         stats = scan.stats
         print(f"corpus {d.source}: {stats.summary()}")
         clock.append(time.perf_counter())
-        ordered = order_documents(scan.partitions, scan.threshold, d.val_fraction, spill / "ordered")
+        peaks.append(peak_rss_mb())
+        ordered = order_documents(scan.partitions, scan.threshold, d.val_fraction, spill / "ordered",
+                                  d.batch_chars)
         clock.append(time.perf_counter())
+        peaks.append(peak_rss_mb())
         total = sum(ordered.documents.values())
         check_split(ordered.documents["train"], ordered.documents["val"], d.val_fraction, d.max_doc_chars)
         print(f"corpus {d.source}: {total} documents ({ordered.documents['train']} train / "
@@ -69,12 +73,14 @@ def run(cfg: Config, out: Path = PREPARED) -> dict:
                    "limit_chars": d.tokenizer_sample_chars} if d.tokenizer == "bpe" else None)
         scan.sample = []  # the BPE is trained: free the sample before packing
         clock.append(time.perf_counter())
+        peaks.append(peak_rss_mb())
         engine = choose_engine(d, ordered.chars)
         print(f"tokenise and pack: {engine} engine")
         splits, index = pack_splits(cfg, engine, ordered, encoder_json(tokenizer),
                                     tokenizer.eos_token_id, tmp, spill / "tails")
         shutil.rmtree(spill)
         clock.append(time.perf_counter())
+        peaks.append(peak_rss_mb())
         manifest = {
             "source": d.source,
             # per-document content hashes (→ origin, offset, split, tokens): what changed between runs
@@ -93,6 +99,8 @@ def run(cfg: Config, out: Path = PREPARED) -> dict:
           f"{d.block_size} tokens, vocabulary {len(tokenizer)}")
     phases = dict(zip(("scan", "order", "tokenizer", "pack"), (b - a for a, b in zip(clock, clock[1:]))))
     print("prepare seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()))
+    # the process's peak so far at the end of each phase: which one sets it
+    print("prepare peak RSS MB: " + ", ".join(f"{k} {v:.0f}" for k, v in zip(phases, peaks)))
     log_to_mlflow(params={"data": dataclasses.asdict(d)},
                   metrics={"documents": {k: manifest["documents"][k] for k in ("total", *SPLITS)},
                            "blocks": {k: v["blocks"] for k, v in splits.items()},
@@ -103,30 +111,48 @@ def run(cfg: Config, out: Path = PREPARED) -> dict:
 
 
 def order_documents(partitions: list[Path], threshold: str, val_fraction: float,
-                    out_dir: Path) -> Ordered:
-    """Each spill partition sorted by hash, with its split, as one parquet file (one
-    partition in memory at a time); the files in order hold the documents in hash order."""
+                    out_dir: Path, batch_chars: int) -> Ordered:
+    """Each spill partition in hash order, with its split, as one parquet file written in
+    batches of at most 1024 documents or ``batch_chars`` characters (memory: one batch and
+    the partition's hashes); the files in order hold the documents in hash order."""
     out_dir.mkdir(parents=True)
     files, counts, chars = [], dict.fromkeys(SPLITS, 0), 0
     digest = hashlib.sha256()   # over the kept hashes in order: the documents' identity
     for i, part in enumerate(partitions):
-        docs = list(iter_partition(part, threshold))
-        part.unlink()
-        if not docs:
-            continue
-        split = ["val" if is_val(doc.sha, val_fraction) else "train" for doc in docs]
-        for name in split:
-            counts[name] += 1
-        for doc in docs:
+        path = out_dir / f"docs-{i:03d}.parquet"
+        writer, batch, batch_size = None, [], 0
+        for doc in iter_partition(part, threshold):
+            split = "val" if is_val(doc.sha, val_fraction) else "train"
+            counts[split] += 1
             digest.update(doc.sha.encode())
             chars += len(doc.text)
-        table = pa.table({"sha": [doc.sha for doc in docs], "origin": [doc.origin for doc in docs],
-                          "offset": [doc.offset for doc in docs], "split": split,
-                          "text": [doc.text for doc in docs]}, schema=DOCUMENT_SCHEMA)
-        del docs
-        files.append(out_dir / f"docs-{i:03d}.parquet")
-        pq.write_table(table, files[-1], compression="none", row_group_size=1024)
+            batch.append((doc.sha, doc.origin, doc.offset, split, doc.text))
+            batch_size += len(doc.text)
+            if len(batch) == 1024 or batch_size >= batch_chars:
+                writer = _write_documents(writer, path, batch)
+                batch, batch_size = [], 0
+        if batch:
+            writer = _write_documents(writer, path, batch)
+        part.unlink()
+        if writer is not None:
+            writer.close()
+            files.append(path)
     return Ordered(files=files, documents=counts, chars=chars, documents_hash=digest.hexdigest())
+
+
+def _write_documents(writer: pq.ParquetWriter | None, path: Path,
+                     rows: list[tuple]) -> pq.ParquetWriter:
+    """Append ``rows`` (sha, origin, offset, split, text) to ``path`` as one row group."""
+    writer = writer or pq.ParquetWriter(path, DOCUMENT_SCHEMA, compression="none")
+    columns = list(zip(*rows))
+    writer.write_table(pa.table(dict(zip(DOCUMENT_SCHEMA.names, map(list, columns))),
+                                schema=DOCUMENT_SCHEMA))
+    return writer
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, MB (Linux reports ``ru_maxrss`` in kB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def choose_engine(d: DataConfig, chars: int) -> str:

@@ -9,10 +9,10 @@ import random
 import numpy as np
 import pytest
 
-from distill.blocks import (StableBlockWriter, document_blocks, pack_blocks_stable,
+from distill.blocks import (BlockIdSet, StableBlockWriter, document_blocks, pack_blocks_stable,
                             write_block_shards)
 from distill.corpus import (CorpusError, CorpusStats, _PieceCutter, _StreamNormaliser,
-                            iter_documents, load_documents, normalise, scan_corpus, split_text)
+                            iter_documents, iter_partition, load_documents, normalise, scan_corpus, split_text)
 from distill.io import sha256_tree
 
 WORDS = ["alpha", "beta", "gamma", "delta", "épsilon", "zeta", "eta", "theta", "iota", "kappa",
@@ -154,6 +154,31 @@ def test_stable_block_writer_equals_the_in_memory_packing(tmp_path):
         w = StableBlockWriter(tmp_path / "x", 8, 10, 3, tmp_path / "spill2")
         w.add_document("b" * 64, *document_blocks([1], 0, 8))
         w.add_document("a" * 64, *document_blocks([1], 0, 8))
+
+
+def test_block_id_set_is_a_set_across_merges():
+    rng = random.Random(5)
+    ids = [f"{rng.getrandbits(128):032x}" for _ in range(3000)]
+    ids += [f"{0:016x}{i:016x}" for i in range(50)] + [f"{2**64 - 1:016x}{i:016x}" for i in range(50)]
+    ids_set, seen = BlockIdSet(buffer=64), set()          # many merges; equal first halves
+    for bid in ids + ids[::7] + rng.sample(ids, 500):
+        assert ids_set.add(bid) == (bid not in seen), bid
+        seen.add(bid)
+    assert len(ids_set) == len(seen) == 3100
+
+
+def test_scan_partitions_come_back_in_hash_order_without_loading_them(tmp_path):
+    folder = tmp_path / "c"
+    folder.mkdir()
+    texts = {f"{i}.txt": book(2000, seed=i) for i in range(300)}
+    for name, text in texts.items():
+        (folder / name).write_text(text)
+    scan = scan_corpus(str(folder), "text", 10_000, tmp_path / "s", max_documents=120,
+                       val_fraction=0.2, sample_chars=0)
+    docs, _ = load_documents(str(folder), "text", 10_000, max_documents=120)
+    streamed = [doc for part in scan.partitions for doc in iter_partition(part, scan.threshold)]
+    assert scan.unique == 300 and scan.threshold == docs[-1].sha
+    assert streamed == docs                     # texts, origins, offsets; in hash order
 
 
 def test_tokenizer_sample_is_a_bounded_hash_ordered_prefix(tmp_path):
