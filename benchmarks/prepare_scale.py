@@ -117,32 +117,39 @@ def run_prepare(corpus: Path, out: Path, engine: str) -> dict:
             "ray_workers_mb": workers.peak / 2**20}
 
 
-def raw_encode_seconds(corpus: Path, tokenizer_dir: Path, batch_bytes: int = 8_000_000) -> float:
-    """The tokenizer's own batch encode over the corpus text (files in batches of ~8 MB)."""
+def raw_encode_mb_s(corpus: Path, tokenizer_dir: Path, sample_mb: int = 0,
+                    batch_bytes: int = 8_000_000) -> float:
+    """The tokenizer's own batch-encode rate, MB/s, over the corpus text (files in batches
+    of ~8 MB; the first ``sample_mb`` MB of files if set: a rate needs no more)."""
     from distill.tokenizer import encode_texts, encoder_json, load_tokenizer
 
     tok_json = encoder_json(load_tokenizer(tokenizer_dir))
     encode_texts(tok_json, ["warm up"])
-    seconds, batch, size = 0.0, [], 0
+    seconds, batch, size, done = 0.0, [], 0, 0
     files = sorted(corpus.iterdir())
     for i, path in enumerate(files):
         text = path.read_text()
         # big files in 200 000-character pieces, as prepare sees them (one huge string
         # would use a single thread)
         batch += [text[j:j + 200_000] for j in range(0, len(text), 200_000)]
-        size += len(text)
-        if size >= batch_bytes or i == len(files) - 1:
+        size += len(text.encode())
+        last = i == len(files) - 1 or (sample_mb and done + size >= sample_mb * 1e6)
+        if size >= batch_bytes or last:
             t0 = time.perf_counter()
             encode_texts(tok_json, batch)
             seconds += time.perf_counter() - t0
-            batch, size = [], 0
-    return seconds
+            done, batch, size = done + size, [], 0
+        if last:
+            return done / 1e6 / seconds
+    return done / 1e6 / seconds
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 100], help="corpus sizes, MB")
     parser.add_argument("--engines", nargs="+", default=["local", "ray"], choices=["local", "ray"])
+    parser.add_argument("--raw-sample-mb", type=int, default=0,
+                        help="measure the raw encode rate on this many MB of the corpus (0 = all)")
     parser.add_argument("--workdir", default="", help="where corpora and outputs go (default: a temp dir)")
     args = parser.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="prepare-scale-"))
@@ -158,7 +165,7 @@ def main() -> None:
                 out = work / f"prepared-{mb}-{engine}"
                 r = run_prepare(corpus, out, engine)
                 if raw is None:
-                    raw = size / 1e6 / raw_encode_seconds(corpus, out / "tokenizer")
+                    raw = raw_encode_mb_s(corpus, out / "tokenizer", args.raw_sample_mb)
                 pack = r["phases"]["pack"]
                 print(f"{size / 1e6:6.0f} {engine:>6} {r['wall_s']:8.1f} {size / 1e6 / r['wall_s']:7.2f} "
                       f"{r['rss_mb']:12.0f} {r['ray_workers_mb']:13.0f} {pack:7.1f} "

@@ -151,11 +151,13 @@ class BlockIdSet:
         return True
 
     def _merge(self) -> None:
-        halves = np.array([_id_halves(b) for b in self.recent], np.int64).reshape(-1, 2)
-        hi = np.concatenate([self.hi, halves[:, 0]])
-        lo = np.concatenate([self.lo, halves[:, 1]])
-        order = np.argsort(hi, kind="stable")
-        self.hi, self.lo, self.recent = hi[order], lo[order], set()
+        """Insert the newest ids into the sorted arrays (a linear merge: one new copy of
+        each array, no sort of the whole)."""
+        halves = np.array(sorted(_id_halves(b) for b in self.recent), np.int64).reshape(-1, 2)
+        at = np.searchsorted(self.hi, halves[:, 0], side="right")
+        self.hi = np.insert(self.hi, at, halves[:, 0])
+        self.lo = np.insert(self.lo, at, halves[:, 1])
+        self.recent = set()
 
 
 def _id_halves(bid: str) -> tuple[np.int64, np.int64]:
