@@ -144,12 +144,76 @@ def raw_encode_mb_s(corpus: Path, tokenizer_dir: Path, sample_mb: int = 0,
     return done / 1e6 / seconds
 
 
+def interleaved_pack_vs_raw(corpus: Path, tokenizer_dir: Path, sample_mb: int = 10,
+                            repeats: int = 3) -> dict:
+    """Tokenise-and-pack against the raw batch encode on the same batches, in this process,
+    alternating which goes first (so machine load weighs on both alike): the first
+    ``sample_mb`` MB of the corpus in prepare's pieces and batches (``data.batch_chars``),
+    each side timed ``repeats`` times per batch (median). Packing is the whole per-document
+    work of the local engine: :func:`tokenise_and_pack` and the shard writer."""
+    import hashlib
+
+    import numpy as np
+    import pyarrow as pa
+
+    from distill.blocks import DOCUMENT_SCHEMA, StableBlockWriter, iter_packed_rows, tokenise_and_pack
+    from distill.config import build_config
+    from distill.corpus import split_text
+    from distill.tokenizer import encode_texts, encoder_json, load_tokenizer
+
+    d = build_config({}).data
+    tok = load_tokenizer(tokenizer_dir)
+    tok_json, eos = encoder_json(tok), tok.eos_token_id
+    encode_texts(tok_json, ["warm up"])
+    batches, batch, chars, total = [], [], 0, 0
+    for path in sorted(corpus.iterdir()):
+        for offset, piece in split_text(path.read_text(), d.max_doc_chars):
+            batch.append((hashlib.sha256(piece.encode()).hexdigest(), str(path), offset, "train", piece))
+            chars += len(piece)
+            if chars >= d.batch_chars:
+                batches.append(sorted(batch))
+                total, batch, chars = total + chars, [], 0
+        if total >= sample_mb * 1e6:
+            break
+    raw_s, pack_s = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for b, rows in enumerate(batches):
+            texts = [r[4] for r in rows]
+            table = pa.table(dict(zip(DOCUMENT_SCHEMA.names, map(list, zip(*rows)))), schema=DOCUMENT_SCHEMA)
+
+            def raw():
+                encode_texts(tok_json, texts)
+
+            def pack():
+                writer = StableBlockWriter(Path(tmp) / f"out{b}", d.block_size, d.shard_blocks,
+                                           d.tail_buckets, Path(tmp) / f"spill{b}")
+                for row, full, tail in iter_packed_rows(tokenise_and_pack(table, tok_json, eos, d.block_size),
+                                                        d.block_size):
+                    writer.add_document(row["sha"], full, tail)
+                writer.finish()
+                shutil.rmtree(Path(tmp) / f"out{b}")
+
+            times = {raw: [], pack: []}
+            for k in range(repeats):
+                for fn in ((raw, pack) if (b + k) % 2 == 0 else (pack, raw)):
+                    t0 = time.perf_counter()
+                    fn()
+                    times[fn].append(time.perf_counter() - t0)
+            raw_s.append(float(np.median(times[raw])))
+            pack_s.append(float(np.median(times[pack])))
+    mb = total / 1e6
+    return {"mb": mb, "raw_mb_s": mb / sum(raw_s), "pack_mb_s": mb / sum(pack_s),
+            "ratio": sum(raw_s) / sum(pack_s)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 100], help="corpus sizes, MB")
     parser.add_argument("--engines", nargs="+", default=["local", "ray"], choices=["local", "ray"])
     parser.add_argument("--raw-sample-mb", type=int, default=0,
                         help="measure the raw encode rate on this many MB of the corpus (0 = all)")
+    parser.add_argument("--interleaved-mb", type=int, default=10,
+                        help="MB of the corpus for the interleaved pack-vs-raw measurement (0 = skip)")
     parser.add_argument("--workdir", default="", help="where corpora and outputs go (default: a temp dir)")
     args = parser.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="prepare-scale-"))
@@ -172,6 +236,11 @@ def main() -> None:
                       f"{size / 1e6 / pack:10.2f} {raw:16.2f} {size / 1e6 / pack / raw:9.2f}", flush=True)
                 print(f"       phases (s): {r['phases']}; peak RSS at each phase's end (MB): "
                       f"{r['phase_peak_mb']}", flush=True)
+                if engine == args.engines[0] and args.interleaved_mb:
+                    inter = interleaved_pack_vs_raw(corpus, out / "tokenizer", args.interleaved_mb)
+                    print(f"       interleaved in one process, {inter['mb']:.0f} MB: pack "
+                          f"{inter['pack_mb_s']:.2f} MB/s, raw encode {inter['raw_mb_s']:.2f} MB/s, "
+                          f"pack/raw {inter['ratio']:.2f}", flush=True)
                 shutil.rmtree(out)
             shutil.rmtree(corpus)
     finally:
