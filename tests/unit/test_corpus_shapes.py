@@ -249,6 +249,52 @@ def test_unreadable_folder_is_named(tmp_path, monkeypatch):
         locked.chmod(0o755)
 
 
+def test_unreadable_file_is_named(tmp_path, monkeypatch):
+    (tmp_path / "a.txt").write_text("text")
+    locked = tmp_path / "locked.txt"
+    locked.write_text("secret")
+    real_open = open
+
+    def deny(path, *args, **kwargs):  # root reads any file: fail as it would for a user
+        if os.fspath(path) == str(locked):
+            raise PermissionError(13, "Permission denied", str(locked))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", deny)
+    with pytest.raises(CorpusError, match=r"locked.txt: cannot read this corpus file "
+                                          r"\(Permission denied\); make it readable"):
+        load_documents(str(tmp_path), "text", 1000)
+
+
+def test_dropped_text_is_counted_in_the_manifest_and_printed(tmp_path, monkeypatch, capsys):
+    """Duplicates, empty texts (a file, a jsonl record) and undecodable files: each counted
+    in the manifest, with the first few named by file and line, and printed."""
+    from distill.config import build_config
+    from tasks.prepare import run
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"{i:02d}.txt").write_text(book(2000, seed=i))
+    (corpus / "copy.txt").write_text(book(2000, seed=0))
+    (corpus / "blank.md").write_text("\n  \n")
+    (corpus / "blob.txt").write_bytes(b"one\ntwo\x00")
+    (corpus / "r.jsonl").write_text(json.dumps({"text": book(500, seed=99)}) + "\n"
+                                    + json.dumps({"text": "  "}) + "\n")
+    monkeypatch.chdir(tmp_path)
+    manifest = run(build_config({"data": {"source": str(corpus), "vocab_size": 300, "block_size": 16,
+                                          "val_fraction": 0.2, "max_documents": 0}}),
+                   tmp_path / "out")
+    c = manifest["corpus"]
+    assert (c["duplicates"], c["empty"], c["undecodable_count"]) == (1, 2, 1)
+    assert c["empty_examples"] == [f"{corpus / 'blank.md'}: empty", f"{corpus / 'r.jsonl'}:2: empty"]
+    assert c["undecodable"] == [f"{corpus / 'blob.txt'}:2: binary (a NUL byte), not text"]
+    assert manifest["documents"]["total"] == 13
+    printed = capsys.readouterr().out
+    assert "dropped 1 duplicates" in printed and "2 empty, 1 undecodable" in printed
+    assert "blob.txt:2: binary" in printed and "r.jsonl:2: empty" in printed
+
+
 def test_single_document_split_advice_is_actionable(tmp_path):
     from distill.corpus import split_by_hash
 
