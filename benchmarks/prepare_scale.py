@@ -4,10 +4,12 @@ batch-encode throughput on the same text (the limit of tokenise-and-pack).
 
 Each corpus is generated deterministically (seeded word list: a fifth of it in four big
 files that prepare cuts into pieces, the rest in 100 kB files). Each prepare runs in a
-subprocess of its own so that its peak RSS (``ru_maxrss``) is its own; for the Ray engine
+subprocess of its own so that its peak RSS is its own; for the Ray engine
 that is the driver's, and the Ray workers' peak (sampled) is printed beside it. The raw
 encode runs in this process with the tokenizer that prepare trained, over the corpus's
-files in batches (the Rust encoder's threads, as in the in-process engine).
+files in batches (the Rust encoder's threads, as in the in-process engine). Peak RSS is
+the subprocess's own ``VmHWM``: its ``ru_maxrss`` would start at this process's peak
+(Linux carries it over fork + exec), which the raw encode raises to ~1 GB.
 
     python benchmarks/prepare_scale.py                     # 10 and 100 MB, both engines
     python benchmarks/prepare_scale.py --sizes 10 100 1000 --engines local ray
@@ -31,13 +33,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 RUN_PREPARE = """
-import json, resource, sys
+import json, sys
 from pathlib import Path
 from distill.config import build_config
-from tasks.prepare import run
+from tasks.prepare import peak_rss_mb, run
 cfg = build_config({"data": {"source": sys.argv[1], "engine": sys.argv[3]}})
 m = run(cfg, Path(sys.argv[2]))
-print("RESULT " + json.dumps({"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+print("RESULT " + json.dumps({"rss_mb": peak_rss_mb(),
                               "chars": m["corpus"]["chars"],
                               "tokens": sum(s["tokens"] for s in m["splits"].values())}))
 """

@@ -151,7 +151,17 @@ def _write_documents(writer: pq.ParquetWriter | None, path: Path,
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident memory so far, MB (Linux reports ``ru_maxrss`` in kB)."""
+    """This process's own peak resident memory so far, MB: ``VmHWM`` of /proc/self/status.
+    Not ``ru_maxrss``: Linux carries the parent's peak into a child over fork/vfork + exec,
+    so a stage started by a 1 GB process would report 1 GB (``ru_maxrss`` is the fallback
+    where there is no /proc)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
