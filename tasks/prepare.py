@@ -209,16 +209,23 @@ def iter_packed_local(files: list[Path], tokenizer_json: str, eos_id: int,
                       d: DataConfig) -> Iterator[pa.Table]:
     """:func:`tokenise_and_pack` over the documents in this process, in batches of about
     ``data.batch_chars`` characters across the files (small partitions would starve the
-    tokenizer's threads; big batches cost ~100 bytes of encodings per token)."""
+    tokenizer's threads; the encoder's output costs ~100 bytes a token). A batch ends at
+    the document that fills it (at most one document, ``max_doc_chars``, over): parquet
+    batches are cut, since 64 long documents would make a batch of 12 M characters."""
     pending, chars = [], 0
     for path in files:
         for batch in pq.ParquetFile(path).iter_batches(batch_size=64):
-            pending.append(batch)
-            chars += pc.sum(pc.utf8_length(batch.column("text"))).as_py() or 0
-            if chars >= d.batch_chars:
-                yield tokenise_and_pack(pa.Table.from_batches(pending), tokenizer_json, eos_id,
-                                        d.block_size)
-                pending, chars = [], 0
+            lengths = pc.utf8_length(batch.column("text")).to_numpy(zero_copy_only=False)
+            start = 0
+            for i, n in enumerate(lengths.tolist()):
+                chars += n
+                if chars >= d.batch_chars:
+                    pending.append(batch.slice(start, i + 1 - start))
+                    yield tokenise_and_pack(pa.Table.from_batches(pending), tokenizer_json, eos_id,
+                                            d.block_size)
+                    pending, chars, start = [], 0, i + 1
+            if start < len(batch):
+                pending.append(batch.slice(start))
     if pending:
         yield tokenise_and_pack(pa.Table.from_batches(pending), tokenizer_json, eos_id, d.block_size)
 

@@ -181,6 +181,29 @@ def test_scan_partitions_come_back_in_hash_order_without_loading_them(tmp_path):
     assert streamed == docs                     # texts, origins, offsets; in hash order
 
 
+def test_local_encode_batches_hold_batch_chars(tmp_path):
+    """A batch ends at the document that fills ``data.batch_chars``, however the parquet
+    batches run (64 documents of 200 000 characters would be 12.8 M in one)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from distill.blocks import DOCUMENT_SCHEMA
+    from distill.config import build_config
+    from distill.tokenizer import encoder_json, train_bpe
+    from tasks.prepare import iter_packed_local
+
+    texts = [book(rng_size, seed=i) for i, rng_size in enumerate([900, 2500, 300] * 60)]
+    rows = {"sha": [f"{i:064x}" for i in range(len(texts))], "origin": ["x"] * len(texts),
+            "offset": [0] * len(texts), "split": ["train"] * len(texts), "text": texts}
+    pq.write_table(pa.table(rows, schema=DOCUMENT_SCHEMA), tmp_path / "d.parquet", row_group_size=100)
+    tok = train_bpe(texts[:20], 300, tmp_path / "tok")
+    d = build_config({"data": {"batch_chars": 5000, "block_size": 16}}).data
+    tables = list(iter_packed_local([tmp_path / "d.parquet"], encoder_json(tok), tok.eos_token_id, d))
+    sizes = [sum(len(texts[int(sha, 16)]) for sha in t.column("sha").to_pylist()) for t in tables]
+    assert sum(t.num_rows for t in tables) == len(texts)
+    assert all(5000 <= n < 5000 + max(map(len, texts)) for n in sizes[:-1]), sizes
+
+
 def test_tokenizer_sample_is_a_bounded_hash_ordered_prefix(tmp_path):
     folder = tmp_path / "c"
     folder.mkdir()
