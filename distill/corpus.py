@@ -4,7 +4,8 @@ Everything here streams: a file is read in chunks, a long text is cut into piece
 most ``max_chars`` characters at paragraph boundaries (each piece a document of its own,
 with its origin and character offset), and the scan that de-duplicates keeps only hashes
 and counters in memory; the documents themselves are spilled to hash-partitioned files on
-disk (:func:`scan_corpus`) and read back one partition at a time, in hash order.
+disk (:func:`scan_corpus`) and read back one document at a time, in hash order
+(:func:`iter_partition`).
 """
 
 from __future__ import annotations

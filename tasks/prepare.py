@@ -1,12 +1,16 @@
 """Stage ``prepare``: raw corpus → tokenizer + train/val token blocks (parquet) + manifest.
 
-Deterministic: the same corpus and ``data`` params give the same bytes. Streaming, in
-memory bounded by a partition of the corpus, the tokenizer sample and the hashes:
+Deterministic: the same corpus and ``data`` params give the same bytes. Streaming: memory
+holds one encode batch (``data.batch_chars``), the tokenizer sample
+(``data.tokenizer_sample_chars``) and what grows with the corpus: hashes and counters
+(~100 bytes a document for dedup, ~0.5 kB a document in the manifest's index, 16 bytes a
+block for the block dedup):
 
 1. scan: read, normalise, cut long texts into pieces, exact-dedup by hash, spill each
    document to the partition of its hash (:func:`distill.corpus.scan_corpus`);
-2. order: each partition sorted by hash, the ``max_documents`` subset and the split
-   decided, written as parquet (hash order = file order);
+2. order: each partition's headers sorted by hash and its documents read back one at a
+   time, the ``max_documents`` subset and the split decided, written as parquet in
+   bounded row groups (hash order = file order);
 3. train the tokenizer on the bounded sample the scan kept;
 4. tokenise and pack (:func:`distill.blocks.tokenise_and_pack`), in this process or on
    Ray Data (``data.engine``): documents arrive in hash order and the writers pack them
