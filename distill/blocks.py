@@ -99,8 +99,11 @@ def write_block_shards(blocks: np.ndarray, out_dir: Path, shard_blocks: int) -> 
 def write_shard(chunk: np.ndarray, out_dir: Path, index: int, ids: list[str] | None = None) -> dict:
     """Write one ``shard-XXXXX.parquet`` of ``chunk`` (``[n, block_size]``); its manifest entry."""
     ids = ids if ids is not None else [block_id(b) for b in chunk]
-    table = pa.table({"block_id": ids,
-                      "input_ids": pa.array(list(chunk), type=pa.list_(pa.int32()))},
+    # the list column from the flat values and row offsets (one copy; a list of row arrays
+    # costs a Python object a block): the same array, so the same parquet bytes
+    offsets = pa.array(np.arange(len(chunk) + 1, dtype=np.int32) * chunk.shape[1])
+    values = pa.array(np.ascontiguousarray(chunk, dtype=np.int32).reshape(-1))
+    table = pa.table({"block_id": ids, "input_ids": pa.ListArray.from_arrays(offsets, values)},
                      schema=BLOCK_SCHEMA)
     name = f"shard-{index:05d}.parquet"
     pq.write_table(table, out_dir / name, **PARQUET_OPTIONS)
