@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # third of the way through its pack phase; so the bound is ~1.5x the measured peak. The
 # in-memory stage this replaced needed ~130 bytes a token (~13 GB here). The peak is the
 # child's own VmHWM: its ru_maxrss starts at pytest's own peak (Linux carries it over
-# fork + exec), which is what made the same test read 442 MB alone and 1113 MB in a
-# full-suite run (pytest had grown to ~1.1 GB).
+# fork + exec): the same test read 442 MB alone and 1113 MB in a full-suite run, where
+# pytest had run the torch and Ray tests before it (inferred, not re-run).
 PEAK_RSS_MB = 600
 
 
