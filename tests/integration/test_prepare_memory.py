@@ -21,8 +21,9 @@ ROOT = Path(__file__).resolve().parents[2]
 # the encoder's output: ~100-150 MB) and what grows: 16 bytes a block (0.8 M blocks here,
 # 13 MB) and ~0.5 kB a document (2 000 here); at the end, importing mlflow (~30 MB more).
 # Measured (2026-11-29, shared machine, load 20-30): 5 MB corpus 321-390 MB over six runs
-# (allocator arenas and encoder threads move it 20-40 MB), 10 MB 376 MB, 200 MB 377 MB a
-# third of the way through its pack phase; so the bound is ~1.5x the measured peak. The
+# (allocator arenas and encoder threads move it 20-40 MB), 10 MB 376 MB, and this test
+# 388 MB (scan 110, order 175, tokenizer 230, pack 388; 22 min); so the bound is ~1.5x
+# the measured peak. The
 # in-memory stage this replaced needed ~130 bytes a token (~13 GB here). The peak is the
 # child's own VmHWM: its ru_maxrss starts at pytest's own peak (Linux carries it over
 # fork + exec): the same test read 442 MB alone and 1113 MB in a full-suite run, where
