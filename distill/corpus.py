@@ -4,12 +4,14 @@ Everything here streams: a file is read in chunks, a long text is cut into piece
 most ``max_chars`` characters at paragraph boundaries (each piece a document of its own,
 with its origin and character offset), and the scan that de-duplicates keeps only hashes
 and counters in memory; the documents themselves are spilled to hash-partitioned files on
-disk (:func:`scan_corpus`) and read back one partition at a time, in hash order.
+disk (:func:`scan_corpus`) and read back one document at a time, in hash order
+(:func:`iter_partition`).
 """
 
 from __future__ import annotations
 
 import codecs
+import functools
 import heapq
 import json
 import os
@@ -178,48 +180,92 @@ class _StreamNormaliser:
     """:func:`normalise` over a text that arrives in chunks: whole lines are normalised
     (NFC never composes across a line break), a trailing ``\\r`` waits for a possible
     ``\\n``, and blank lines are held back until text follows them (so that the trailing
-    ones are dropped, like ``strip``)."""
+    ones are dropped, like ``strip``).
+
+    Linear in the text's length, whatever its shape: only the chunk that arrived is split
+    into lines, the unfinished line is kept as a list of parts (joined once, when it ends),
+    and a line longer than ``long_line`` (a file without line breaks: CJK text, base64)
+    is passed on in part, each character of it looked at once (:meth:`_line_head`)."""
 
     def __init__(self, long_line: int = 1 << 22):
-        self.partial = ""       # the last, unfinished line
+        self.parts: list[str] = []  # the last, unfinished line, in parts
+        self.partial_chars = 0
+        self.carry = ""         # a trailing "\r" waiting for a possible "\n"
         self.newlines = 0       # line breaks waiting for text
         self.started = False    # text seen (leading blank lines are dropped)
         self.long_line = long_line  # an unfinished line longer than this is passed on in part
 
     def feed(self, chunk: str, final: bool = False) -> str:
-        text, carry = self.partial + chunk, ""
+        text, self.carry = self.carry + chunk, ""
         if text.endswith("\r") and not final:
-            text, carry = text[:-1], "\r"
+            text, self.carry = text[:-1], "\r"
         lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-        self.partial = "" if final else lines.pop() + carry
+        tail = "" if final else lines.pop()
         out = []
+        if lines:  # the unfinished line ends here
+            lines[0] = "".join(self.parts) + lines[0]
+            self.parts, self.partial_chars = [], 0
         for i, line in enumerate(lines):
             line = unicodedata.normalize("NFC", line).rstrip()
-            last = i == len(lines) - 1
             if line:
                 if self.started:
                     out.append("\n" * self.newlines)
                 out.append(line)
                 self.started, self.newlines = True, 0
-            if not (final and last):
+            if not (final and i == len(lines) - 1):
                 self.newlines += 1
-        if len(self.partial) > self.long_line:
-            out.append(self._line_head())
+        if tail:
+            self.parts.append(tail)
+            self.partial_chars += len(tail)
+            if self.partial_chars > self.long_line:
+                out.append(self._line_head())
         return "".join(out)
 
     def _line_head(self) -> str:
-        """Pass on the head of a very long unfinished line (a file without line breaks),
-        cut before an ASCII non-space character: nothing composes with it under NFC, and the
-        head's trailing spaces are inside the line, so ``rstrip`` would keep them too."""
-        k = len(self.partial) - 1
-        while k > 0 and not (self.partial[k].isascii() and not self.partial[k].isspace()):
+        """Pass on the head of a very long unfinished line, cut before a character at which
+        NFC may restart (:func:`nfc_boundary`: a non-space starter that composes with
+        nothing before it) and whose own trailing spaces are therefore inside the line
+        (``rstrip`` keeps them too). Only the newest part is searched (from its end), so
+        every character is looked at once; a part without such a character waits."""
+        last = self.parts[-1]
+        k = len(last) - 1
+        while k >= 0 and not nfc_boundary(last[k]):
             k -= 1
-        if k <= 0:
+        if k < 0 or (k == 0 and len(self.parts) == 1):
             return ""
-        head, self.partial = self.partial[:k], self.partial[k:]
+        head = "".join(self.parts[:-1]) + last[:k]
+        self.parts, self.partial_chars = [last[k:]], len(last) - k
         out = "\n" * self.newlines if self.started else ""
         self.started, self.newlines = True, 0
         return out + unicodedata.normalize("NFC", head)
+
+
+def nfc_boundary(char: str) -> bool:
+    """True if NFC of a text may be computed separately before and from ``char`` on, and
+    ``char`` is not whitespace: an ASCII non-space character, or a starter (canonical
+    combining class 0) that is never the second of a canonical composition and whose
+    decomposition starts with such a starter (UAX #15's stable code points, conservatively)."""
+    if char.isascii():
+        return not char.isspace()
+    if char.isspace() or unicodedata.combining(char):
+        return False
+    first = unicodedata.normalize("NFD", char)[0]
+    return unicodedata.combining(first) == 0 and first not in _composition_seconds()
+
+
+@functools.cache
+def _composition_seconds() -> frozenset[str]:
+    """Every character that is the second of a canonical two-character decomposition
+    (it may compose with the character before it), and the Hangul vowel and trailing
+    jamo (which compose algorithmically): computed once, from ``unicodedata``."""
+    seconds = {chr(c) for c in range(0x1161, 0x1176)} | {chr(c) for c in range(0x11A8, 0x11C3)}
+    for code in range(0x80, 0x110000):
+        d = unicodedata.decomposition(chr(code))
+        if d and not d.startswith("<"):
+            parts = d.split()
+            if len(parts) == 2:
+                seconds.add(chr(int(parts[1], 16)))
+    return frozenset(seconds)
 
 
 # ---------------------------------------------------------------- reading sources
@@ -562,16 +608,16 @@ def scan_corpus(source: str, text_field: str, max_chars: int, spill_dir: Path, *
     spill_dir.mkdir(parents=True, exist_ok=True)
     paths = [spill_dir / f"part-{i:03d}.bin" for i in range(PARTITIONS)]
     files = [open(p, "wb") for p in paths]
-    seen: set[str] = set()
+    seen: set[bytes] = set()    # 32-byte digests (~100 bytes a document with the set's own)
     sample = _SamplePrefix(sample_chars)
     try:
         for doc in iter_documents(source, text_field, max_chars, stats):
-            if doc.sha in seen:
+            digest = bytes.fromhex(doc.sha)
+            if digest in seen:
                 stats.duplicates += 1
                 stats.duplicate_chars += len(doc.text)
                 continue
-            seen.add(doc.sha)
-            digest = bytes.fromhex(doc.sha)
+            seen.add(digest)
             origin, text = doc.origin.encode("utf-8"), doc.text.encode("utf-8")
             f = files[digest[0]]
             f.write(_RECORD.pack(digest, doc.offset, len(origin), len(text)))
@@ -586,7 +632,7 @@ def scan_corpus(source: str, text_field: str, max_chars: int, spill_dir: Path, *
         raise CorpusError(no_documents_message(source, stats))
     threshold = ""
     if max_documents and max_documents < len(seen):
-        threshold = heapq.nsmallest(max_documents, seen)[-1]
+        threshold = heapq.nsmallest(max_documents, seen)[-1].hex()
     texts = sample.texts(threshold)
     return ScanResult(stats=stats, partitions=paths, unique=len(seen), threshold=threshold,
                       sample=texts, sample_chars=sum(map(len, texts)))
@@ -629,19 +675,24 @@ class _Desc:
 
 
 def iter_partition(path: Path, threshold: str) -> Iterator[Document]:
-    """The documents of one spill partition in hash order (those above ``threshold`` left out)."""
-    data = path.read_bytes()
-    docs, pos = [], 0
-    while pos < len(data):
-        digest, offset, n_origin, n_text = _RECORD.unpack_from(data, pos)
-        pos += _RECORD.size
-        origin = data[pos:pos + n_origin].decode("utf-8")
-        pos += n_origin
-        sha = digest.hex()
-        if not threshold or sha <= threshold:
-            docs.append(Document(text=data[pos:pos + n_text].decode("utf-8"), sha=sha,
-                                 origin=origin, offset=offset))
-        pos += n_text
-    del data
-    docs.sort(key=lambda d: d.sha)
-    return iter(docs)
+    """The documents of one spill partition in hash order (those above ``threshold`` left out),
+    one at a time: a first pass reads only the records' headers (hash, place in the file),
+    they are sorted, and each text is read when its turn comes. Memory: ~100 bytes a
+    document of the partition, whatever the texts' size (the reads come from the page
+    cache: the partition was written just before)."""
+    limit = bytes.fromhex(threshold) if threshold else None
+    index = []
+    with open(path, "rb") as f:
+        pos = 0
+        while header := f.read(_RECORD.size):
+            digest, offset, n_origin, n_text = _RECORD.unpack(header)
+            if limit is None or digest <= limit:
+                index.append((digest, pos + _RECORD.size, offset, n_origin, n_text))
+            pos += _RECORD.size + n_origin + n_text
+            f.seek(pos)
+        index.sort()
+        for digest, at, offset, n_origin, n_text in index:
+            f.seek(at)
+            origin = f.read(n_origin).decode("utf-8")
+            yield Document(text=f.read(n_text).decode("utf-8"), sha=digest.hex(), origin=origin,
+                           offset=offset)

@@ -1,12 +1,16 @@
 """Stage ``prepare``: raw corpus → tokenizer + train/val token blocks (parquet) + manifest.
 
-Deterministic: the same corpus and ``data`` params give the same bytes. Streaming, in
-memory bounded by a partition of the corpus, the tokenizer sample and the hashes:
+Deterministic: the same corpus and ``data`` params give the same bytes. Streaming: memory
+holds one encode batch (``data.batch_chars``), the tokenizer sample
+(``data.tokenizer_sample_chars``) and what grows with the corpus: hashes and counters
+(~100 bytes a document for dedup, ~0.5 kB a document in the manifest's index, 16 bytes a
+block for the block dedup):
 
 1. scan: read, normalise, cut long texts into pieces, exact-dedup by hash, spill each
    document to the partition of its hash (:func:`distill.corpus.scan_corpus`);
-2. order: each partition sorted by hash, the ``max_documents`` subset and the split
-   decided, written as parquet (hash order = file order);
+2. order: each partition's headers sorted by hash and its documents read back one at a
+   time, the ``max_documents`` subset and the split decided, written as parquet in
+   bounded row groups (hash order = file order);
 3. train the tokenizer on the bounded sample the scan kept;
 4. tokenise and pack (:func:`distill.blocks.tokenise_and_pack`), in this process or on
    Ray Data (``data.engine``): documents arrive in hash order and the writers pack them
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import resource
 import shutil
 import time
 from collections.abc import Iterator
@@ -49,7 +54,7 @@ class Ordered:
 def run(cfg: Config, out: Path = PREPARED) -> dict:
     """Build ``out`` (tokenizer/, train/, val/, manifest.json); returns the manifest."""
     d = cfg.data
-    clock = [time.perf_counter()]
+    clock, peaks = [time.perf_counter()], []
     with atomic_dir(out) as tmp:
         spill = tmp / ".spill"
         scan = scan_corpus(d.source, d.text_field, d.max_doc_chars, spill / "docs",
@@ -58,8 +63,11 @@ def run(cfg: Config, out: Path = PREPARED) -> dict:
         stats = scan.stats
         print(f"corpus {d.source}: {stats.summary()}")
         clock.append(time.perf_counter())
-        ordered = order_documents(scan.partitions, scan.threshold, d.val_fraction, spill / "ordered")
+        peaks.append(peak_rss_mb())
+        ordered = order_documents(scan.partitions, scan.threshold, d.val_fraction, spill / "ordered",
+                                  d.batch_chars)
         clock.append(time.perf_counter())
+        peaks.append(peak_rss_mb())
         total = sum(ordered.documents.values())
         check_split(ordered.documents["train"], ordered.documents["val"], d.val_fraction, d.max_doc_chars)
         print(f"corpus {d.source}: {total} documents ({ordered.documents['train']} train / "
@@ -69,12 +77,14 @@ def run(cfg: Config, out: Path = PREPARED) -> dict:
                    "limit_chars": d.tokenizer_sample_chars} if d.tokenizer == "bpe" else None)
         scan.sample = []  # the BPE is trained: free the sample before packing
         clock.append(time.perf_counter())
+        peaks.append(peak_rss_mb())
         engine = choose_engine(d, ordered.chars)
         print(f"tokenise and pack: {engine} engine")
         splits, index = pack_splits(cfg, engine, ordered, encoder_json(tokenizer),
                                     tokenizer.eos_token_id, tmp, spill / "tails")
         shutil.rmtree(spill)
         clock.append(time.perf_counter())
+        peaks.append(peak_rss_mb())
         manifest = {
             "source": d.source,
             # per-document content hashes (→ origin, offset, split, tokens): what changed between runs
@@ -93,6 +103,8 @@ def run(cfg: Config, out: Path = PREPARED) -> dict:
           f"{d.block_size} tokens, vocabulary {len(tokenizer)}")
     phases = dict(zip(("scan", "order", "tokenizer", "pack"), (b - a for a, b in zip(clock, clock[1:]))))
     print("prepare seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()))
+    # the process's peak so far at the end of each phase: which one sets it
+    print("prepare peak RSS MB: " + ", ".join(f"{k} {v:.0f}" for k, v in zip(phases, peaks)))
     log_to_mlflow(params={"data": dataclasses.asdict(d)},
                   metrics={"documents": {k: manifest["documents"][k] for k in ("total", *SPLITS)},
                            "blocks": {k: v["blocks"] for k, v in splits.items()},
@@ -103,30 +115,58 @@ def run(cfg: Config, out: Path = PREPARED) -> dict:
 
 
 def order_documents(partitions: list[Path], threshold: str, val_fraction: float,
-                    out_dir: Path) -> Ordered:
-    """Each spill partition sorted by hash, with its split, as one parquet file (one
-    partition in memory at a time); the files in order hold the documents in hash order."""
+                    out_dir: Path, batch_chars: int) -> Ordered:
+    """Each spill partition in hash order, with its split, as one parquet file written in
+    batches of at most 1024 documents or ``batch_chars`` characters (memory: one batch and
+    the partition's hashes); the files in order hold the documents in hash order."""
     out_dir.mkdir(parents=True)
     files, counts, chars = [], dict.fromkeys(SPLITS, 0), 0
     digest = hashlib.sha256()   # over the kept hashes in order: the documents' identity
     for i, part in enumerate(partitions):
-        docs = list(iter_partition(part, threshold))
-        part.unlink()
-        if not docs:
-            continue
-        split = ["val" if is_val(doc.sha, val_fraction) else "train" for doc in docs]
-        for name in split:
-            counts[name] += 1
-        for doc in docs:
+        path = out_dir / f"docs-{i:03d}.parquet"
+        writer, batch, batch_size = None, [], 0
+        for doc in iter_partition(part, threshold):
+            split = "val" if is_val(doc.sha, val_fraction) else "train"
+            counts[split] += 1
             digest.update(doc.sha.encode())
             chars += len(doc.text)
-        table = pa.table({"sha": [doc.sha for doc in docs], "origin": [doc.origin for doc in docs],
-                          "offset": [doc.offset for doc in docs], "split": split,
-                          "text": [doc.text for doc in docs]}, schema=DOCUMENT_SCHEMA)
-        del docs
-        files.append(out_dir / f"docs-{i:03d}.parquet")
-        pq.write_table(table, files[-1], compression="none", row_group_size=1024)
+            batch.append((doc.sha, doc.origin, doc.offset, split, doc.text))
+            batch_size += len(doc.text)
+            if len(batch) == 1024 or batch_size >= batch_chars:
+                writer = _write_documents(writer, path, batch)
+                batch, batch_size = [], 0
+        if batch:
+            writer = _write_documents(writer, path, batch)
+        part.unlink()
+        if writer is not None:
+            writer.close()
+            files.append(path)
     return Ordered(files=files, documents=counts, chars=chars, documents_hash=digest.hexdigest())
+
+
+def _write_documents(writer: pq.ParquetWriter | None, path: Path,
+                     rows: list[tuple]) -> pq.ParquetWriter:
+    """Append ``rows`` (sha, origin, offset, split, text) to ``path`` as one row group."""
+    writer = writer or pq.ParquetWriter(path, DOCUMENT_SCHEMA, compression="none")
+    columns = list(zip(*rows))
+    writer.write_table(pa.table(dict(zip(DOCUMENT_SCHEMA.names, map(list, columns))),
+                                schema=DOCUMENT_SCHEMA))
+    return writer
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak resident memory so far, MB: ``VmHWM`` of /proc/self/status.
+    Not ``ru_maxrss``: Linux carries the parent's peak into a child over fork/vfork + exec,
+    so a stage started by a 1 GB process would report 1 GB (``ru_maxrss`` is the fallback
+    where there is no /proc)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def choose_engine(d: DataConfig, chars: int) -> str:
@@ -173,16 +213,23 @@ def iter_packed_local(files: list[Path], tokenizer_json: str, eos_id: int,
                       d: DataConfig) -> Iterator[pa.Table]:
     """:func:`tokenise_and_pack` over the documents in this process, in batches of about
     ``data.batch_chars`` characters across the files (small partitions would starve the
-    tokenizer's threads; big batches cost ~100 bytes of encodings per token)."""
+    tokenizer's threads; the encoder's output costs ~100 bytes a token). A batch ends at
+    the document that fills it (at most one document, ``max_doc_chars``, over): parquet
+    batches are cut, since 64 long documents would make a batch of 12 M characters."""
     pending, chars = [], 0
     for path in files:
         for batch in pq.ParquetFile(path).iter_batches(batch_size=64):
-            pending.append(batch)
-            chars += pc.sum(pc.utf8_length(batch.column("text"))).as_py() or 0
-            if chars >= d.batch_chars:
-                yield tokenise_and_pack(pa.Table.from_batches(pending), tokenizer_json, eos_id,
-                                        d.block_size)
-                pending, chars = [], 0
+            lengths = pc.utf8_length(batch.column("text")).to_numpy(zero_copy_only=False)
+            start = 0
+            for i, n in enumerate(lengths.tolist()):
+                chars += n
+                if chars >= d.batch_chars:
+                    pending.append(batch.slice(start, i + 1 - start))
+                    yield tokenise_and_pack(pa.Table.from_batches(pending), tokenizer_json, eos_id,
+                                            d.block_size)
+                    pending, chars, start = [], 0, i + 1
+            if start < len(batch):
+                pending.append(batch.slice(start))
     if pending:
         yield tokenise_and_pack(pa.Table.from_batches(pending), tokenizer_json, eos_id, d.block_size)
 

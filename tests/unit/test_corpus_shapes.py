@@ -9,10 +9,10 @@ import random
 import numpy as np
 import pytest
 
-from distill.blocks import (StableBlockWriter, document_blocks, pack_blocks_stable,
+from distill.blocks import (BlockIdSet, StableBlockWriter, document_blocks, pack_blocks_stable,
                             write_block_shards)
 from distill.corpus import (CorpusError, CorpusStats, _PieceCutter, _StreamNormaliser,
-                            iter_documents, load_documents, normalise, scan_corpus, split_text)
+                            iter_documents, iter_partition, load_documents, normalise, scan_corpus, split_text)
 from distill.io import sha256_tree
 
 WORDS = ["alpha", "beta", "gamma", "delta", "épsilon", "zeta", "eta", "theta", "iota", "kappa",
@@ -84,7 +84,9 @@ def test_cut_prefers_paragraphs_then_lines_then_characters():
 
 def test_streamed_normalise_and_cut_equal_the_whole_text():
     rng = random.Random(1)
-    alphabet = ["a", "b", " ", "\t", "\n", "\r", "\r\n", "e\u0301", "\u0301", "x  "]
+    # CJK, Hangul jamo that compose (L+V, LV+T), an ideographic space: the long-line cuts
+    alphabet = ["a", "b", " ", "\t", "\n", "\r", "\r\n", "e\u0301", "\u0301", "x  ", "\u4e00",
+                "\u1100", "\u1161", "\uac00", "\u11a8", "\u3000", "\u212b", "\u0344"]
     for _ in range(2000):
         raw = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 80)))
         norm, out, i = _StreamNormaliser(long_line=rng.randint(1, 20)), [], 0
@@ -105,6 +107,36 @@ def test_streamed_normalise_and_cut_equal_the_whole_text():
         assert pieces == split_text(text, size)
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("shape", ["cjk", "base64", "combining"])
+def test_a_long_line_without_spaces_is_cut_in_linear_time(tmp_path, shape):
+    """A one-line file with no ASCII whitespace (CJK text, base64) or no character NFC may
+    restart at: 4 M characters read 4 kB at a time (2 000 to 3 000 reads) with a
+    256-character long-line limit. A normaliser that rescans its unfinished line at each
+    read does billions of character steps (many minutes); a linear one takes a second."""
+    rng = random.Random(3)
+    n = 4_000_000
+    if shape == "cjk":
+        text = "".join(chr(0x4E00 + rng.randrange(20_000)) for _ in range(n))
+    elif shape == "base64":
+        import base64
+        text = base64.b64encode(rng.randbytes(n * 3 // 4)).decode()
+    else:  # only combining marks after one letter: no cut point at all until the end
+        text = "a" + "\u0301" * (n - 1)
+    raw = text.encode()
+    norm, cutter, pieces = _StreamNormaliser(long_line=256), _PieceCutter(200_000), []
+    import codecs
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    for i in range(0, len(raw), 4096):
+        pieces += cutter.feed(norm.feed(decoder.decode(raw[i:i + 4096])))
+    pieces += cutter.feed(norm.feed(decoder.decode(b"", final=True), final=True))
+    pieces += cutter.finish()
+    whole = normalise(text)
+    assert "".join(p for _, p in pieces) == whole          # every character accounted for
+    assert [o for o, _ in pieces] == list(range(0, len(whole), 200_000))
+    assert max(len(p) for _, p in pieces) == 200_000
+
+
 def test_stable_block_writer_equals_the_in_memory_packing(tmp_path):
     rng = np.random.default_rng(0)
     docs = [rng.integers(1, 50, rng.integers(1, 90)).tolist() for _ in range(120)]
@@ -122,6 +154,54 @@ def test_stable_block_writer_equals_the_in_memory_packing(tmp_path):
         w = StableBlockWriter(tmp_path / "x", 8, 10, 3, tmp_path / "spill2")
         w.add_document("b" * 64, *document_blocks([1], 0, 8))
         w.add_document("a" * 64, *document_blocks([1], 0, 8))
+
+
+def test_block_id_set_is_a_set_across_merges():
+    rng = random.Random(5)
+    ids = [f"{rng.getrandbits(128):032x}" for _ in range(3000)]
+    ids += [f"{0:016x}{i:016x}" for i in range(50)] + [f"{2**64 - 1:016x}{i:016x}" for i in range(50)]
+    ids_set, seen = BlockIdSet(buffer=64), set()          # many merges; equal first halves
+    for bid in ids + ids[::7] + rng.sample(ids, 500):
+        assert ids_set.add(bid) == (bid not in seen), bid
+        seen.add(bid)
+    assert len(ids_set) == len(seen) == 3100
+
+
+def test_scan_partitions_come_back_in_hash_order_without_loading_them(tmp_path):
+    folder = tmp_path / "c"
+    folder.mkdir()
+    texts = {f"{i}.txt": book(2000, seed=i) for i in range(300)}
+    for name, text in texts.items():
+        (folder / name).write_text(text)
+    scan = scan_corpus(str(folder), "text", 10_000, tmp_path / "s", max_documents=120,
+                       val_fraction=0.2, sample_chars=0)
+    docs, _ = load_documents(str(folder), "text", 10_000, max_documents=120)
+    streamed = [doc for part in scan.partitions for doc in iter_partition(part, scan.threshold)]
+    assert scan.unique == 300 and scan.threshold == docs[-1].sha
+    assert streamed == docs                     # texts, origins, offsets; in hash order
+
+
+def test_local_encode_batches_hold_batch_chars(tmp_path):
+    """A batch ends at the document that fills ``data.batch_chars``, however the parquet
+    batches run (64 documents of 200 000 characters would be 12.8 M in one)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from distill.blocks import DOCUMENT_SCHEMA
+    from distill.config import build_config
+    from distill.tokenizer import encoder_json, train_bpe
+    from tasks.prepare import iter_packed_local
+
+    texts = [book(rng_size, seed=i) for i, rng_size in enumerate([900, 2500, 300] * 60)]
+    rows = {"sha": [f"{i:064x}" for i in range(len(texts))], "origin": ["x"] * len(texts),
+            "offset": [0] * len(texts), "split": ["train"] * len(texts), "text": texts}
+    pq.write_table(pa.table(rows, schema=DOCUMENT_SCHEMA), tmp_path / "d.parquet", row_group_size=100)
+    tok = train_bpe(texts[:20], 300, tmp_path / "tok")
+    d = build_config({"data": {"batch_chars": 5000, "block_size": 16}}).data
+    tables = list(iter_packed_local([tmp_path / "d.parquet"], encoder_json(tok), tok.eos_token_id, d))
+    sizes = [sum(len(texts[int(sha, 16)]) for sha in t.column("sha").to_pylist()) for t in tables]
+    assert sum(t.num_rows for t in tables) == len(texts)
+    assert all(5000 <= n < 5000 + max(map(len, texts)) for n in sizes[:-1]), sizes
 
 
 def test_tokenizer_sample_is_a_bounded_hash_ordered_prefix(tmp_path):
@@ -190,6 +270,52 @@ def test_unreadable_folder_is_named(tmp_path, monkeypatch):
             load_documents(str(tmp_path / "corpus"), "text", 1000)
     finally:
         locked.chmod(0o755)
+
+
+def test_unreadable_file_is_named(tmp_path, monkeypatch):
+    (tmp_path / "a.txt").write_text("text")
+    locked = tmp_path / "locked.txt"
+    locked.write_text("secret")
+    real_open = open
+
+    def deny(path, *args, **kwargs):  # root reads any file: fail as it would for a user
+        if os.fspath(path) == str(locked):
+            raise PermissionError(13, "Permission denied", str(locked))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", deny)
+    with pytest.raises(CorpusError, match=r"locked.txt: cannot read this corpus file "
+                                          r"\(Permission denied\); make it readable"):
+        load_documents(str(tmp_path), "text", 1000)
+
+
+def test_dropped_text_is_counted_in_the_manifest_and_printed(tmp_path, monkeypatch, capsys):
+    """Duplicates, empty texts (a file, a jsonl record) and undecodable files: each counted
+    in the manifest, with the first few named by file and line, and printed."""
+    from distill.config import build_config
+    from tasks.prepare import run
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"{i:02d}.txt").write_text(book(2000, seed=i))
+    (corpus / "copy.txt").write_text(book(2000, seed=0))
+    (corpus / "blank.md").write_text("\n  \n")
+    (corpus / "blob.txt").write_bytes(b"one\ntwo\x00")
+    (corpus / "r.jsonl").write_text(json.dumps({"text": book(500, seed=99)}) + "\n"
+                                    + json.dumps({"text": "  "}) + "\n")
+    monkeypatch.chdir(tmp_path)
+    manifest = run(build_config({"data": {"source": str(corpus), "vocab_size": 300, "block_size": 16,
+                                          "val_fraction": 0.2, "max_documents": 0}}),
+                   tmp_path / "out")
+    c = manifest["corpus"]
+    assert (c["duplicates"], c["empty"], c["undecodable_count"]) == (1, 2, 1)
+    assert c["empty_examples"] == [f"{corpus / 'blank.md'}: empty", f"{corpus / 'r.jsonl'}:2: empty"]
+    assert c["undecodable"] == [f"{corpus / 'blob.txt'}:2: binary (a NUL byte), not text"]
+    assert manifest["documents"]["total"] == 13
+    printed = capsys.readouterr().out
+    assert "dropped 1 duplicates" in printed and "2 empty, 1 undecodable" in printed
+    assert "blob.txt:2: binary" in printed and "r.jsonl:2: empty" in printed
 
 
 def test_single_document_split_advice_is_actionable(tmp_path):
