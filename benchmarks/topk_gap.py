@@ -14,7 +14,12 @@ mean ± standard error over seeds of each setting's validation loss and its gap 
 full-logit KD (same λ), writes `runs/bench-topk/summary.json` and a PNG of loss against
 label bytes per token.
 
-    python benchmarks/topk_gap.py --alphas 0.5 --seeds 0 1 2 --steps 150
+    python benchmarks/topk_gap.py --k 32 --samples 12 32      # the cells that decide the default
+    python benchmarks/topk_gap.py                             # then the rest (k = 8/128)
+    python benchmarks/topk_gap.py --summary-only              # table + PNG of what is stored
+
+Results are keyed by label kind, λ, seed and steps, not by code: after a change to the
+training or loss code, move `runs/bench-topk/results/` away before measuring again.
 """
 
 from __future__ import annotations
