@@ -182,7 +182,9 @@ def plot(summary: dict, path: Path) -> Path:
             ax.axhline(r["val_loss"], color=style[0], linestyle=style[1], label=label)
             continue
         marker = "o" if r["tag"].startswith("topk") else "s"
-        ax.errorbar(r["bytes_per_token"], r["val_loss"], yerr=0 if math.isnan(r["se"]) else r["se"],
+        # the λ's of one label kind share its size: spread them a little so none hides another
+        x = r["bytes_per_token"] * 1.04 ** (alphas.index(r["alpha"]) - (len(alphas) - 1) / 2)
+        ax.errorbar(x, r["val_loss"], yerr=0 if math.isnan(r["se"]) else r["se"],
                     fmt=marker, color=colours[r["alpha"]], capsize=3)
         if r["tag"] not in named:  # one name per label kind (the λ's share an x)
             named.add(r["tag"])
@@ -194,7 +196,7 @@ def plot(summary: dict, path: Path) -> Path:
     ax.minorticks_off()
     ax.set_xlabel("label size on disk (bytes per token, log scale)")
     ax.set_ylabel("student validation loss (nats/token)")
-    ax.set_title("student loss vs label size (○ top-k + rest, □ sampled; mean ± s.e. over seeds)",
+    ax.set_title("student loss vs label size (○ top-k + rest, □ sampled, colour = λ; mean ± s.e. over seeds)",
                  fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
