@@ -14,7 +14,12 @@ mean ± standard error over seeds of each setting's validation loss and its gap 
 full-logit KD (same λ), writes `runs/bench-topk/summary.json` and a PNG of loss against
 label bytes per token.
 
-    python benchmarks/topk_gap.py --alphas 0.5 --seeds 0 1 2 --steps 150
+    python benchmarks/topk_gap.py --k 32 --samples 12 32      # the cells that decide the default
+    python benchmarks/topk_gap.py                             # then the rest (k = 8/128)
+    python benchmarks/topk_gap.py --summary-only              # table + PNG of what is stored
+
+Results are keyed by label kind, λ, seed and steps, not by code: after a change to the
+training or loss code, move `runs/bench-topk/results/` away before measuring again.
 """
 
 from __future__ import annotations
@@ -177,7 +182,9 @@ def plot(summary: dict, path: Path) -> Path:
             ax.axhline(r["val_loss"], color=style[0], linestyle=style[1], label=label)
             continue
         marker = "o" if r["tag"].startswith("topk") else "s"
-        ax.errorbar(r["bytes_per_token"], r["val_loss"], yerr=0 if math.isnan(r["se"]) else r["se"],
+        # the λ's of one label kind share its size: spread them a little so none hides another
+        x = r["bytes_per_token"] * 1.04 ** (alphas.index(r["alpha"]) - (len(alphas) - 1) / 2)
+        ax.errorbar(x, r["val_loss"], yerr=0 if math.isnan(r["se"]) else r["se"],
                     fmt=marker, color=colours[r["alpha"]], capsize=3)
         if r["tag"] not in named:  # one name per label kind (the λ's share an x)
             named.add(r["tag"])
@@ -189,7 +196,7 @@ def plot(summary: dict, path: Path) -> Path:
     ax.minorticks_off()
     ax.set_xlabel("label size on disk (bytes per token, log scale)")
     ax.set_ylabel("student validation loss (nats/token)")
-    ax.set_title("student loss vs label size (○ top-k + rest, □ sampled; mean ± s.e. over seeds)",
+    ax.set_title("student loss vs label size (○ top-k + rest, □ sampled, colour = λ; mean ± s.e. over seeds)",
                  fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
