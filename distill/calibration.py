@@ -1,19 +1,28 @@
 """Calibration: fit the gate's scaling laws on this project's own data.
 
 A sweep of small training runs — supervised students (sizes × token budgets) and distilled
-students (sizes × budgets × teachers), each configuration with several seeds — each a plain
-in-process training loop in a Ray task, then the supervised law (Eq. 1) and the
+students (sizes × budgets × teachers), each configuration with several seeds — trained by the
+train stage's own trainer in Ray tasks, then the supervised law (Eq. 1) and the
 distillation law (Eq. 8) fitted to the mean validation loss of each configuration with
 ``distill.law``'s procedure, their held-out error, bootstrap intervals, a coefficients JSON
 that ``load_coefficients`` reads and a PNG of the fits.
 
 Design choices (why):
 
-* Every point reuses the pipeline's own pieces: ``build_llama``, ``make_optimizer`` (AdamW,
-  warm-up + cosine), ``train_step``, ``build_loss`` and ``eval_step`` of
-  ``distill.training``, the pipeline's batch size, and the warm-up *share* of ``train`` (same
-  schedule shape at every budget). The learning rate is ``train.lr`` at the pipeline
-  student's width, scaled by ``(student.d_model / d_model) ^ lr_width_exponent``.
+* One trainer: a point is trained by ``distill.training.train_with_cooldowns`` — the train
+  stage's model (``build_llama``), optimizer and schedule (``make_optimizer``), step
+  (``train_step``), loss (``build_loss``, with ``distill.z_loss`` for supervised runs too) and
+  data order (``open_dataset``'s seeded permutation through the worker's shuffle window,
+  :func:`distill.training.epoch_rows`); only the driver differs (no Ray Train for a point).
+  A point at the pipeline's student size, steps and seed is the train stage's run.
+* Warmup–stable–decay (``train.schedule: wsd``, Hägele et al. 2024): every budget of one
+  (kind, size, seed, teacher) is a cooldown branch of one run (:meth:`SweepPoint.run`), so
+  the four budgets cost about the longest one. A swept teacher's one run likewise gives
+  ``calibrate.teacher_strengths`` teachers (its cooldowns at ``teacher_steps``, /2, /4): with
+  the pipeline's teacher, Eq. 8's teacher terms see ≥ 3 teacher losses, and weak teachers
+  distilling longer-trained students give configurations where supervised training wins.
+* The learning rate is ``train.lr`` at the pipeline student's width, scaled by
+  ``(student.d_model / d_model) ^ lr_width_exponent``.
 * Distillation points train on exactly the loss of the pipeline's offline branch: top-k at
   ``distill.top_k`` from the same labeler (``HFLabeler``: same ``topk_labels``, same float16
   rounding as label shards), ``distill.alpha``, τ, divergence, z-loss. The labels are made
@@ -574,6 +583,8 @@ def fit_calibration(records: list[dict], heldout_share: float, n_starts: int = 3
     dist_fit = fit_distillation(*_arrays(dist, ("N", "D", "L_T", "L")), sup_fit.coefficients,
                                 n_starts=n_starts, n_bootstrap=n_bootstrap, seed=seed)
     quality: dict[str, Any] = {"heldout_share": heldout_share, "bootstrap_resamples": n_bootstrap,
+                               # Eq. 8's teacher terms need ≥ 3 distinct teacher losses to be identifiable
+                               "distinct_teacher_losses": len({round(float(r["L_T"]), 6) for r in dist}),
                                **(extra_quality or {})}
     coefs = coefficient_set_from_fits("calibrated", sup_fit, dist_fit, quality)
     heldout = heldout_errors(coefs, [r for r in records if r["key"] in held])
