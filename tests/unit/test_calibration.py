@@ -316,6 +316,19 @@ def test_fit_recovers_known_laws_and_writes_a_file_the_gate_uses(tmp_path):
         decide(dataclasses.replace(query, student_params=1e8), coefs)
 
 
+def test_teacher_terms_are_reported_with_intervals_and_their_teacher_count():
+    from tasks.calibrate import teacher_terms_line
+
+    records = synthetic_records()
+    fit = fit_calibration(records, heldout_share=0.0, n_starts=4, n_bootstrap=4)
+    assert fit.coefficients.quality["distinct_teacher_losses"] == 2  # 2.6 and 3.2: too few to identify
+    line = teacher_terms_line(fit.coefficients)
+    assert line.startswith("Eq. 8 teacher terms from 2 teacher losses: c0 ")
+    assert all(f"{name} " in line for name in ("c1", "d1", "f1")) and line.count("[") == 4
+    bare = teacher_terms_line(fit_calibration(records, heldout_share=0.0, n_starts=4).coefficients)
+    assert "no intervals" in bare
+
+
 def test_fit_records_what_the_laws_can_promise_and_the_gate_warns_on_a_margin_within_it():
     exact = fit_calibration(synthetic_records(), heldout_share=0.25, n_starts=8).coefficients.quality
     # points drawn from the laws: no distilled student below its teacher, margins predicted
