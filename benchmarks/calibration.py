@@ -58,25 +58,29 @@ def main() -> None:
 
     cfg = load_config(args.params.resolve() if args.params else Path("params.yaml"))
     started = time.perf_counter()
-    from distill.calibration import mean_over_seeds
+    from distill.calibration import fit_calibration, mean_over_seeds
+    from tasks.calibrate import teacher_terms_line
 
-    runs, query_keys, seconds = run_points(cfg, args.store or Path("runs/calibrate"), args.stored_only)
+    runs, query_keys, seconds, trained = run_points(cfg, args.store or Path("runs/calibrate"), args.stored_only)
     records = mean_over_seeds(runs)
     noise = seed_noise(records)
     starts = args.fit_starts or cfg.calibrate.fit_starts
     results = {name: evaluate_split(records, held, starts)
                for name, held in splits(records, query_keys, cfg.calibrate.heldout_share).items()}
+    full = fit_calibration(records, 0.0, n_starts=starts, n_bootstrap=cfg.calibrate.bootstrap, seed=cfg.seed)
     report = {"runs": len(runs), "points": len(records), "sweep_seconds": seconds,
+              "runs_trained_now": trained, "points_per_s": trained / seconds if trained and seconds else None,
               "total_seconds": time.perf_counter() - started, "noise": noise, "splits": results,
+              "teacher_terms": teacher_terms_line(full.coefficients),
               "params": dataclasses.asdict(cfg.calibrate)}
     print_report(report)
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
 
 
-def run_points(cfg, store_root: Path, stored_only: bool = False) -> tuple[list[dict], set[str], float]:
+def run_points(cfg, store_root: Path, stored_only: bool = False) -> tuple[list[dict], set[str], float, int]:
     """The sweep plus the pipeline's own configuration; returns every run's record, the query's
-    keys and the wall time of the points run now."""
+    keys, the wall time of the points run now and how many were."""
     from distill.calibration import (PointStore, SweepContext, data_hash, load_sweep_data,
                                      loss_settings, plan_points, plan_sweep, run_sweep, warmup_for_steps)
     from distill.io import read_json
@@ -116,7 +120,8 @@ def run_points(cfg, store_root: Path, stored_only: bool = False) -> tuple[list[d
         records = [plan.done[k] for k in plan.keys]
     seconds = time.perf_counter() - t0
     query_keys = {k for p, k in zip(points, plan.keys) if p in query}
-    return records, query_keys, seconds
+    trained = 0 if stored_only else len(plan.pending)
+    return records, query_keys, seconds, trained
 
 
 def seed_noise(records: list[dict]) -> dict:
@@ -178,7 +183,8 @@ def evaluate_split(records: list[dict], held: set[str], n_starts: int) -> dict:
                            "distill": sum(r["kind"] == "distill" for r in kept)},
             "heldout": errors, "picks": picks,
             "pick_accuracy": (sum(p["correct"] for p in picks) / len(picks)) if picks else None,
-            "decided_picks": {"correct": sum(p["correct"] for p in decided), "n": len(decided)},
+            "decided_picks": {"correct": sum(p["correct"] for p in decided), "n": len(decided),
+                              "supervised_wins": sum(p["actual"] == "supervised" for p in decided)},
             # how far the predicted margin L_sup - L_dist is from the measured one, in nats
             "margin_error": (sum(abs(p["predicted_margin"] - p["measured_margin"]) for p in picks)
                              / len(picks)) if picks else None,
@@ -210,15 +216,17 @@ def branch_picks(coefs, test: list[dict]) -> list[dict]:
 
 
 def print_report(report: dict) -> None:
+    rate = f", {report['points_per_s']:.3f} points/s" if report.get("points_per_s") else ""
     print(f"\n{report['runs']} runs, {report['points']} configurations; sweep {report['sweep_seconds']:.0f} s "
-          f"(runs trained now), total {report['total_seconds']:.0f} s")
+          f"({report['runs_trained_now']} points trained now{rate}), total {report['total_seconds']:.0f} s")
+    print(report["teacher_terms"])
     noise = report["noise"]
     if noise:
         print(f"seed noise ({noise['seeds']} seeds): median loss std {noise['loss_std_median']:.4f}, "
               f"standard error of a configuration's mean {noise['loss_sem_median']:.4f}, of a margin "
               f"{noise['margin_sem_median']:.4f} nats")
     print(f"{'split':<8} {'fit sup/dist':>12} {'Eq.1 held-out mean/max':>24} "
-          f"{'Eq.8 held-out mean/max':>24} {'branch picks':>14} {'beyond noise':>13} {'margin err':>11}")
+          f"{'Eq.8 held-out mean/max':>24} {'branch picks':>14} {'beyond noise':>19} {'margin err':>11}")
     for name, r in report["splits"].items():
         cells = []
         for kind in ("supervised", "distill"):
@@ -229,9 +237,9 @@ def print_report(report: dict) -> None:
         fp = r["fit_points"]
         err = f"{r['margin_error']:.3f}" if r["margin_error"] is not None else "-"
         dp = r["decided_picks"]
-        beyond = f"{dp['correct']}/{dp['n']}" if noise else "-"
+        beyond = f"{dp['correct']}/{dp['n']} ({dp['supervised_wins']} sup)" if noise else "-"
         print(f"{name:<8} {fp['supervised']:>5}/{fp['distill']:<6} {cells[0]:>24} {cells[1]:>24} {acc:>14} "
-              f"{beyond:>13} {err:>11}")
+              f"{beyond:>19} {err:>11}")
     for p in report["splits"]["query"]["picks"]:
         print(f"pipeline's own configuration {p['size']}, D={p['D']}, L_T={p['L_T']:.4f}: gate says "
               f"{p['gate']} (predicted margin {p['predicted_margin']:+.4f}), measured winner {p['actual']} "

@@ -1,19 +1,28 @@
 """Calibration: fit the gate's scaling laws on this project's own data.
 
 A sweep of small training runs — supervised students (sizes × token budgets) and distilled
-students (sizes × budgets × teachers), each configuration with several seeds — each a plain
-in-process training loop in a Ray task, then the supervised law (Eq. 1) and the
+students (sizes × budgets × teachers), each configuration with several seeds — trained by the
+train stage's own trainer in Ray tasks, then the supervised law (Eq. 1) and the
 distillation law (Eq. 8) fitted to the mean validation loss of each configuration with
 ``distill.law``'s procedure, their held-out error, bootstrap intervals, a coefficients JSON
 that ``load_coefficients`` reads and a PNG of the fits.
 
 Design choices (why):
 
-* Every point reuses the pipeline's own pieces: ``build_llama``, ``make_optimizer`` (AdamW,
-  warm-up + cosine), ``train_step``, ``build_loss`` and ``eval_step`` of
-  ``distill.training``, the pipeline's batch size, and the warm-up *share* of ``train`` (same
-  schedule shape at every budget). The learning rate is ``train.lr`` at the pipeline
-  student's width, scaled by ``(student.d_model / d_model) ^ lr_width_exponent``.
+* One trainer: a point is trained by ``distill.training.train_with_cooldowns`` — the train
+  stage's model (``build_llama``), optimizer and schedule (``make_optimizer``), step
+  (``train_step``), loss (``build_loss``, with ``distill.z_loss`` for supervised runs too) and
+  data order (``open_dataset``'s seeded permutation through the worker's shuffle window,
+  :func:`distill.training.epoch_rows`); only the driver differs (no Ray Train for a point).
+  A point at the pipeline's student size, steps and seed is the train stage's run.
+* Warmup–stable–decay (``train.schedule: wsd``, Hägele et al. 2024): every budget of one
+  (kind, size, seed, teacher) is a cooldown branch of one run (:meth:`SweepPoint.run`), so
+  the four budgets cost about the longest one. A swept teacher's one run likewise gives
+  ``calibrate.teacher_strengths`` teachers (its cooldowns at ``teacher_steps``, /2, /4): with
+  the pipeline's teacher, Eq. 8's teacher terms see ≥ 3 teacher losses, and weak teachers
+  distilling longer-trained students give configurations where supervised training wins.
+* The learning rate is ``train.lr`` at the pipeline student's width, scaled by
+  ``(student.d_model / d_model) ^ lr_width_exponent``.
 * Distillation points train on exactly the loss of the pipeline's offline branch: top-k at
   ``distill.top_k`` from the same labeler (``HFLabeler``: same ``topk_labels``, same float16
   rounding as label shards), ``distill.alpha``, τ, divergence, z-loss. The labels are made
@@ -46,7 +55,7 @@ import torch
 
 from distill.config import (DISTILLATION_LAW_PARAMS, SUPERVISED_LAW_PARAMS, Config, DistillConfig,
                             ModelConfig, OptimConfig, distills, heldout_count, parse_steps,
-                            parse_student_sizes, parse_teachers, teacher_budget)
+                            parse_student_sizes, sweep_teachers, teacher_size)
 from distill.io import read_json, sha256_bytes, write_json
 from distill.provenance import code_fingerprint
 from distill.law import (CoefficientSet, coefficient_set_from_fits, distillation_error_floor,
@@ -74,7 +83,10 @@ class SweepPoint:
     weight_decay: float
     grad_clip: float
     seed: int
-    teacher: str = ""  # distill: "pipeline" or "<layers>x<d_model>" of a supervised sweep model
+    teacher: str = ""  # distill: "pipeline" or "<layers>x<d_model>@<steps>", a swept teacher's run
+    schedule: str = "wsd"
+    cooldown_fraction: float = 0.2
+    z_loss: float = 1e-4   # supervised points' z-loss (distill.z_loss, as the train stage)
 
     @property
     def size(self) -> str:
@@ -90,7 +102,14 @@ class SweepPoint:
         return OptimConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr,
                            min_lr_ratio=self.min_lr_ratio, warmup_steps=self.warmup_steps,
                            weight_decay=self.weight_decay, grad_clip=self.grad_clip,
-                           eval_every=self.steps)
+                           eval_every=self.steps, schedule=self.schedule,
+                           cooldown_fraction=self.cooldown_fraction)
+
+    def run(self) -> "SweepPoint":
+        """The training run this point is a budget of: with warmup–stable–decay every budget of
+        one (kind, size, seed, teacher) is a cooldown branch of one run; cosine runs are one
+        budget each."""
+        return dataclasses.replace(self, steps=0) if self.schedule == "wsd" else self
 
     def describe(self) -> str:
         """A short human-readable name."""
@@ -104,21 +123,25 @@ def lr_for_width(cfg: Config, d_model: int) -> float:
 
 
 def warmup_for_steps(cfg: Config, steps: int) -> int:
-    """The pipeline's warm-up share of ``train.steps`` applied to ``steps`` (same schedule shape)."""
+    """The warm-up of a ``steps`` run: warmup–stable–decay keeps ``train.warmup_steps`` at every
+    budget (the budgets share their stable phase); cosine applies the pipeline's warm-up share
+    of ``train.steps`` (same schedule shape)."""
     if cfg.train.warmup_steps == 0:
         return 0
+    if cfg.train.schedule == "wsd":
+        return min(steps - 1, cfg.train.warmup_steps)
     share = cfg.train.warmup_steps / cfg.train.steps
     return min(steps - 1, max(1, round(share * steps)))
 
 
 def plan_points(cfg: Config) -> list[SweepPoint]:
-    """Supervised points (sizes × budgets × seeds), each swept teacher's own run (``teacher``:
-    its size at ``teacher_steps``, one seed, unless that is already a supervised point), then
-    distillation points (teachers × sizes × budgets × seeds; a swept teacher distills only the
-    students smaller than itself, see :func:`distill.config.distills`)."""
+    """Supervised points (sizes × budgets × seeds), each swept teacher's own runs (``teacher``:
+    its size at each of its strengths' budgets, one seed), then distillation points (teachers ×
+    sizes × budgets × seeds; a swept teacher distills only the students smaller than itself,
+    see :func:`distill.config.distills`)."""
     cal = cfg.calibrate
     sizes, budgets = parse_student_sizes(cal.students), parse_steps(cal.steps)
-    teachers = parse_teachers(cal.teachers)
+    teachers = sweep_teachers(cal, budgets)
     seeds = [cfg.seed + i for i in range(cal.seeds)]
 
     def point(kind: str, layers: int, width: int, steps: int, seed: int, teacher: str = "") -> SweepPoint:
@@ -126,29 +149,36 @@ def plan_points(cfg: Config) -> list[SweepPoint]:
                           steps=steps, batch_size=cfg.train.batch_size, lr=lr_for_width(cfg, width),
                           warmup_steps=warmup_for_steps(cfg, steps), min_lr_ratio=cfg.train.min_lr_ratio,
                           weight_decay=cfg.train.weight_decay, grad_clip=cfg.train.grad_clip,
-                          seed=seed, teacher=teacher)
+                          seed=seed, teacher=teacher, schedule=cfg.train.schedule,
+                          cooldown_fraction=cfg.train.cooldown_fraction, z_loss=cfg.distill.z_loss)
 
     points = [point("supervised", layers, width, steps, seed)
               for layers, width in sizes for steps in budgets for seed in seeds]
-    budget = teacher_budget(cal.teacher_steps, budgets)
     for teacher in teachers:
         if teacher != "pipeline":
-            ((layers, width),) = parse_student_sizes(teacher)
-            if (layers, width) not in sizes or budget not in budgets:
-                points.append(point("teacher", layers, width, budget, cfg.seed))
+            ((layers, width),) = parse_student_sizes(teacher_size(teacher))
+            points.append(point("teacher", layers, width, int(teacher.split("@")[1]), cfg.seed))
     points += [point("distill", layers, width, steps, seed, teacher)
                for teacher in teachers for layers, width in sizes for steps in budgets for seed in seeds
                if distills(teacher, (layers, width))]
     return points
 
 
-def teacher_point(points: list[SweepPoint], size: str) -> SweepPoint:
-    """The run reused as swept teacher ``size``: that size's longest supervised or teacher run
-    (``calibrate.teacher_steps``, never shorter than a student budget), its first seed."""
-    candidates = [p for p in points if p.kind in ("supervised", "teacher") and p.size == size]
-    if not candidates:
-        raise ValueError(f"calibrate.teachers: no supervised point of size {size} in the sweep")
-    return max(candidates, key=lambda p: (p.steps, -p.seed))
+def teacher_point(points: list[SweepPoint], teacher: str) -> SweepPoint:
+    """The run saved as swept teacher ``"<size>@<steps>"``: the teacher point of that size and budget."""
+    size, _, steps = teacher.partition("@")
+    for p in points:
+        if p.kind == "teacher" and p.size == size and str(p.steps) == steps:
+            return p
+    raise ValueError(f"calibrate.teachers: no teacher run {teacher!r} in the sweep")
+
+
+def group_runs(points: list[SweepPoint], indices: list[int]) -> list[list[int]]:
+    """``indices`` of ``points`` grouped by the run they are budgets of (:meth:`SweepPoint.run`)."""
+    groups: dict[SweepPoint, list[int]] = {}
+    for i in indices:
+        groups.setdefault(points[i].run(), []).append(i)
+    return list(groups.values())
 
 
 # ---------------------------------------------------------------------------- keys and the store
@@ -257,15 +287,14 @@ def load_sweep_data(prepared: Path, manifest: dict, eval_blocks: int) -> SweepDa
 
 
 def batch_indices(n_blocks: int, batch_size: int, steps: int, seed: int) -> np.ndarray:
-    """[steps, batch] block indices: a fresh permutation per epoch, incomplete batches dropped."""
+    """[steps, batch] block indices in the train stage's order for ``seed``: ``open_dataset``'s
+    seeded permutation, each epoch through the worker's shuffle window, incomplete batches dropped."""
+    from distill.training import data_order, epoch_rows
+
     if n_blocks < batch_size:
         raise ValueError(f"calibrate: {n_blocks} train blocks are fewer than one batch "
                          f"(train.batch_size = {batch_size})")
-    per_epoch = n_blocks // batch_size
-    epochs = math.ceil(steps / per_epoch)
-    rows = [np.random.default_rng(seed + e).permutation(n_blocks)[: per_epoch * batch_size]
-            .reshape(per_epoch, batch_size) for e in range(epochs)]
-    return np.concatenate(rows)[:steps]
+    return epoch_rows(data_order(n_blocks, seed), batch_size, seed, steps)
 
 
 def sparse_teacher(labels: dict, idx: np.ndarray):
@@ -279,44 +308,76 @@ def sparse_teacher(labels: dict, idx: np.ndarray):
                          rest=torch.from_numpy(labels["rest_logprob"][idx].astype(np.float32)).view(-1))
 
 
-def train_point(point: SweepPoint, data: SweepData, loss: DistillConfig | None = None,
-                labels: dict | None = None, model_out: str = "", threads: int = 1) -> dict:
-    """Train one sweep point in this process and return its record (N, D, final val loss, ...).
+def point_loss(point: SweepPoint, loss: DistillConfig | None):
+    """The train stage's loss for this point (``distill.training.build_loss``): the offline
+    distillation loss, or next-token + the pipeline's z-loss when supervised."""
+    from distill.training import build_loss
+
+    # build_loss reads only ``.loss`` and ``.z_loss``: reusing it keeps the sweep's loss the pipeline's.
+    return build_loss(types.SimpleNamespace(loss=loss if point.kind == "distill" else None,
+                                            z_loss=point.z_loss))
+
+
+def train_run(points: list[SweepPoint], data: SweepData, loss: DistillConfig | None = None,
+              labels: dict | None = None, model_outs: list[str] | None = None, threads: int = 1) -> list[dict]:
+    """Train the budgets ``points`` of one run (same :meth:`SweepPoint.run`) in this process with
+    the train stage's trainer (``distill.training.train_with_cooldowns``: its schedule, data
+    order, steps and loss) and return one record per point (N, D, final val loss, ...).
 
     ``labels`` (distillation): the teacher's top-k for every train block, from ``label_teacher``.
-    ``model_out``: also save the model there (HF format) to reuse it as a teacher."""
+    ``model_outs``: per point, a folder to save its model in (HF format, to reuse it as a
+    teacher) or ""."""
     from distill.models import build_llama, count_parameters
-    from distill.training import build_loss, eval_step, make_optimizer, train_step
+    from distill.training import eval_step, train_with_cooldowns
 
-    if (point.kind == "distill") != (labels is not None):
-        raise ValueError(f"{point.describe()}: distillation points need teacher labels, others none")
+    first = points[0]
+    if len({p.run() for p in points}) != 1:
+        raise ValueError(f"train_run: {[p.describe() for p in points]} are not budgets of one run")
+    if (first.kind == "distill") != (labels is not None):
+        raise ValueError(f"{first.describe()}: distillation points need teacher labels, others none")
+    outs = dict(zip((p.steps for p in points), model_outs or [""] * len(points)))
     torch.set_num_threads(threads)
-    torch.manual_seed(point.seed)
+    torch.manual_seed(first.seed)
     started = time.perf_counter()
-    model = build_llama(point.model(), data.vocab_size, data.block_size, point.seed, data.eos_id, data.pad_id)
-    optimizer, scheduler = make_optimizer(model, point.optim())
-    # build_loss reads only ``.loss``: reusing it keeps the sweep's loss the pipeline's.
-    loss_fn = build_loss(types.SimpleNamespace(loss=loss if point.kind == "distill" else None))
+    model = build_llama(first.model(), data.vocab_size, data.block_size, first.seed, data.eos_id, data.pad_id)
+    n_params = count_parameters(model)["non_embedding"]
     train = torch.from_numpy(data.train.astype(np.int64))
-    for idx in batch_indices(len(data.train), point.batch_size, point.steps, point.seed):
+    longest = max(p.steps for p in points)
+    rows = batch_indices(len(data.train), first.batch_size, longest, first.seed)
+
+    def batch_of(idx: np.ndarray) -> tuple:
         ids = train[idx]
-        teacher = sparse_teacher(labels, idx) if labels is not None else None
-        train_step(model, loss_fn, optimizer, scheduler, (ids[:, :-1], ids[:, 1:], teacher),
-                   point.grad_clip, 1)
-    val_loss = eval_step(model, data.val, point.batch_size, torch.device("cpu"))
-    if not math.isfinite(val_loss):
-        raise FloatingPointError(f"{point.describe()}: non-finite validation loss {val_loss}")
-    if model_out:
-        save_sweep_model(model, data, Path(model_out))
-    record = {"point": dataclasses.asdict(point), "kind": point.kind, "size": point.size,
-              "N": count_parameters(model)["non_embedding"],
-              "D": point.steps * point.batch_size * (data.block_size - 1),
-              "L": val_loss, "seconds": time.perf_counter() - started}
-    if labels is not None:
-        record["L_T"] = labels["teacher_loss"]
-    if model_out:
-        record["model_dir"] = model_out
-    return record
+        return ids[:, :-1], ids[:, 1:], sparse_teacher(labels, idx) if labels is not None else None
+
+    losses: dict[int, float] = {}
+
+    def on_budget(steps: int, trained) -> None:
+        losses[steps] = eval_step(trained, data.val, first.batch_size, torch.device("cpu"))
+        if not math.isfinite(losses[steps]):
+            raise FloatingPointError(f"{first.describe()}: non-finite validation loss at {steps} steps")
+        if outs.get(steps):
+            save_sweep_model(trained, data, Path(outs[steps]))
+
+    train_with_cooldowns(model, first.optim(), point_loss(first, loss), batch_of, rows,
+                         [p.steps for p in points], on_budget)
+    seconds = time.perf_counter() - started
+    records = []
+    for p in points:
+        record = {"point": dataclasses.asdict(p), "kind": p.kind, "size": p.size, "N": n_params,
+                  "D": p.steps * p.batch_size * (data.block_size - 1), "L": losses[p.steps],
+                  "seconds": seconds * p.steps / sum(q.steps for q in points), "run_seconds": seconds}
+        if labels is not None:
+            record["L_T"] = labels["teacher_loss"]
+        if outs.get(p.steps):
+            record["model_dir"] = outs[p.steps]
+        records.append(record)
+    return records
+
+
+def train_point(point: SweepPoint, data: SweepData, loss: DistillConfig | None = None,
+                labels: dict | None = None, model_out: str = "", threads: int = 1) -> dict:
+    """Train one sweep point alone in this process and return its record (see :func:`train_run`)."""
+    return train_run([point], data, loss, labels, [model_out], threads)[0]
 
 
 def save_sweep_model(model, data: SweepData, out: Path) -> None:
@@ -372,13 +433,13 @@ class SweepPlan:
 
 
 def plan_sweep(points: list[SweepPoint], ctx: SweepContext, store: PointStore) -> SweepPlan:
-    """Key every point and look up the finished ones in ``store``. A supervised point reused as
-    a teacher whose model is gone counts as unfinished while a point still needs that teacher."""
+    """Key every point and look up the finished ones in ``store``. A teacher run whose model is
+    gone counts as unfinished while a point still needs that teacher."""
     keys = [point_key(p, ctx, points) for p in points]
     done = {k: r for k in keys if (r := store.get(k)) is not None}
     needed = {p.teacher for p, k in zip(points, keys) if p.kind == "distill" and k not in done}
-    for size in needed - {"pipeline"}:
-        tkey = point_key(teacher_point(points, size), ctx, points)
+    for teacher in needed - {"pipeline"}:
+        tkey = point_key(teacher_point(points, teacher), ctx, points)
         if not store.model_dir(tkey).is_dir():
             done.pop(tkey, None)
     say_unused_points(store, set(keys))
@@ -396,53 +457,63 @@ def say_unused_points(store: PointStore, keys: set[str]) -> None:
 def run_sweep(plan: SweepPlan, ctx: SweepContext, store: PointStore, data: SweepData,
               loss: DistillConfig, pipeline_teacher_dir: str, cpus_per_point: float,
               on_point: Callable[[SweepPoint, dict], None] | None = None) -> list[dict]:
-    """Run the pending points as Ray tasks (teachers' labels first, as Ray dependencies), store
-    each record as it arrives and call ``on_point``; returns every point's record, in plan order."""
+    """Run the pending points as Ray tasks, one task per run (its budgets are cooldown branches,
+    :func:`train_run`; a run with any budget pending runs whole), teachers' runs first and their
+    labels as Ray dependencies of the distillation runs; store each record as it arrives and
+    call ``on_point``; returns every point's record, in plan order."""
     import ray
 
     threads = max(1, int(round(cpus_per_point)))
-    train_task = ray.remote(num_cpus=cpus_per_point, max_retries=0)(train_point)
+    run_task = ray.remote(num_cpus=cpus_per_point, max_retries=0)(train_run)
     label_task = ray.remote(num_cpus=cpus_per_point, max_retries=0)(_label_from)
     data_ref = ray.put(data)
-    teacher_sizes = {p.teacher for p in plan.points if p.kind == "distill"} - {"pipeline"}
-    teacher_keys = {point_key(teacher_point(plan.points, s), ctx, plan.points): s for s in teacher_sizes}
-    running: dict[Any, int] = {}
+    teachers = {p.teacher for p in plan.points if p.kind == "distill"} - {"pipeline"}
+    teacher_keys = {point_key(teacher_point(plan.points, t), ctx, plan.points): t for t in teachers}
+    running: dict[Any, list[int]] = {}
     sources: dict[str, Any] = {"pipeline": pipeline_teacher_dir}
-    # Teachers' supervised points first: their labels and distillation points wait on them.
-    for i in sorted(plan.pending, key=lambda i: plan.keys[i] not in teacher_keys):
-        point, key = plan.points[i], plan.keys[i]
-        if point.kind in ("supervised", "teacher"):
-            out = str(store.model_dir(key).resolve()) if key in teacher_keys else ""
-            ref = train_task.remote(point, data_ref, None, None, out, threads)
-            running[ref] = i
-            if key in teacher_keys:
-                sources[teacher_keys[key]] = ref  # the label task waits for this model
-    for key, size in teacher_keys.items():
-        sources.setdefault(size, str(store.model_dir(key).resolve()))
+    runs = {plan.points[i].run() for i in plan.pending}
+    pending = [i for i, p in enumerate(plan.points) if p.run() in runs]
+    for group in group_runs(plan.points, pending):
+        kinds = {plan.points[i].kind for i in group}
+        if kinds & {"supervised", "teacher"}:
+            outs = [str(store.model_dir(plan.keys[i]).resolve()) if plan.keys[i] in teacher_keys else ""
+                    for i in group]
+            ref = run_task.remote([plan.points[i] for i in group], data_ref, None, None, outs, threads)
+            running[ref] = group
+            for j, i in enumerate(group):
+                if plan.keys[i] in teacher_keys:
+                    sources[teacher_keys[plan.keys[i]]] = (ref, j)  # the label task waits for this model
+    for key, teacher in teacher_keys.items():
+        sources.setdefault(teacher, str(store.model_dir(key).resolve()))
     labels = {}
-    for i in plan.pending:
-        point = plan.points[i]
+    for group in group_runs(plan.points, pending):
+        point = plan.points[group[0]]
         if point.kind != "distill":
             continue
         if point.teacher not in labels:
-            labels[point.teacher] = label_task.remote(sources[point.teacher], data_ref, loss.top_k,
-                                                      loss.temperature, threads)
-        running[train_task.remote(point, data_ref, loss, labels[point.teacher], "", threads)] = i
+            source = sources[point.teacher]
+            ref, j = source if isinstance(source, tuple) else (source, -1)
+            labels[point.teacher] = label_task.remote(ref, j, data_ref, loss.top_k, loss.temperature, threads)
+        running[run_task.remote([plan.points[i] for i in group], data_ref, loss, labels[point.teacher],
+                                None, threads)] = group
     records = dict(plan.done)
     while running:
         ready, _ = ray.wait(list(running), num_returns=1)
-        i = running.pop(ready[0])
-        record = {**ray.get(ready[0]), "key": plan.keys[i]}
-        store.put(plan.keys[i], record)
-        records[plan.keys[i]] = record
-        if on_point is not None:
-            on_point(plan.points[i], record)
+        group = running.pop(ready[0])
+        for i, result in zip(group, ray.get(ready[0])):
+            record = {**result, "key": plan.keys[i]}
+            store.put(plan.keys[i], record)
+            records[plan.keys[i]] = record
+            if on_point is not None:
+                on_point(plan.points[i], record)
     return [records[k] for k in plan.keys]
 
 
-def _label_from(teacher: str | dict, data: SweepData, top_k: int, temperature: float, threads: int) -> dict:
-    """``label_teacher`` for a teacher folder, or for the record of the sweep point that saved one."""
-    teacher_dir = teacher if isinstance(teacher, str) else teacher["model_dir"]
+def _label_from(teacher: str | list[dict], index: int, data: SweepData, top_k: int, temperature: float,
+                threads: int) -> dict:
+    """``label_teacher`` for a teacher folder, or for the ``index``-th record of the sweep run
+    that saved one."""
+    teacher_dir = teacher if isinstance(teacher, str) else teacher[index]["model_dir"]
     return label_teacher(teacher_dir, data, top_k, temperature, threads=threads)
 
 
@@ -512,6 +583,8 @@ def fit_calibration(records: list[dict], heldout_share: float, n_starts: int = 3
     dist_fit = fit_distillation(*_arrays(dist, ("N", "D", "L_T", "L")), sup_fit.coefficients,
                                 n_starts=n_starts, n_bootstrap=n_bootstrap, seed=seed)
     quality: dict[str, Any] = {"heldout_share": heldout_share, "bootstrap_resamples": n_bootstrap,
+                               # Eq. 8's teacher terms need ≥ 3 distinct teacher losses to be identifiable
+                               "distinct_teacher_losses": len({round(float(r["L_T"]), 6) for r in dist}),
                                **(extra_quality or {})}
     coefs = coefficient_set_from_fits("calibrated", sup_fit, dist_fit, quality)
     heldout = heldout_errors(coefs, [r for r in records if r["key"] in held])

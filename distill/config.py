@@ -79,7 +79,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """How one model is optimised: AdamW, linear warm-up then cosine decay, clipping."""
+    """How one model is optimised: AdamW, linear warm-up, then cosine decay or warmup–stable–decay,
+    clipping."""
 
     steps: int = field(default=200, metadata=_range(1))
     batch_size: int = field(default=16, metadata=_range(1))
@@ -89,6 +90,13 @@ class OptimConfig:
     weight_decay: float = field(default=0.1, metadata=_range(0.0, 10.0))
     grad_clip: float = field(default=1.0, metadata=_range(0.0))
     eval_every: int = field(default=50, metadata=_range(1))
+    # wsd: warm-up, a constant (stable) rate, then a (1-sqrt) cooldown to min_lr_ratio over the
+    # last cooldown_fraction of the steps (Hägele et al. 2024). The stable phase does not depend
+    # on the run's length, so a run's cooldowns branched from it give the loss at every
+    # shorter budget (the calibration sweep trains one run per size and seed). cosine: the
+    # classic decay over all steps (each budget its own run).
+    schedule: str = field(default="wsd", metadata=_choice("wsd", "cosine"))
+    cooldown_fraction: float = field(default=0.2, metadata=_range(0.0, 1.0, lo_open=True))
 
 
 @dataclass(frozen=True)
@@ -150,6 +158,10 @@ class CalibrateConfig:
     # the teacher's loss as its floor and cannot describe a student that outlearns it. A
     # teacher's own run is not a configuration of the fit (one seed, possibly several epochs).
     teacher_steps: int = field(default=600, metadata=_range(0))
+    # Strengths of each swept teacher: its one run's cooldown branches at teacher_steps,
+    # teacher_steps/2, /4, … (warmup–stable–decay), so Eq. 8's teacher terms see several
+    # teacher losses; the weak ones give configurations where supervised training wins.
+    teacher_strengths: int = field(default=3, metadata=_range(1, 8))
     # Runs per configuration, seeds seed, seed+1, …: the fit takes their mean loss. At this
     # scale one run's loss moves by ~1 % with the seed (initialisation and data order),
     # as much as the margin between the branches.
@@ -423,6 +435,25 @@ def parse_teachers(text: str, key: str = "calibrate.teachers") -> list[str]:
     return teachers
 
 
+def sweep_teachers(cal: "CalibrateConfig", steps: list[int]) -> list[str]:
+    """The sweep's teachers: ``pipeline`` and, per swept size, ``"<size>@<steps>"`` at each of
+    its ``teacher_strengths`` budgets (``teacher_steps`` halved, smallest first)."""
+    top = teacher_budget(cal.teacher_steps, steps)
+    out = []
+    for teacher in parse_teachers(cal.teachers):
+        if teacher == "pipeline":
+            out.append(teacher)
+            continue
+        budgets = sorted({max(1, round(top / 2 ** i)) for i in range(cal.teacher_strengths)})
+        out += [f"{teacher}@{b}" for b in budgets]
+    return out
+
+
+def teacher_size(teacher: str) -> str:
+    """``"3x96@150"`` → ``"3x96"`` (a swept teacher's size; ``pipeline`` stays)."""
+    return teacher.split("@")[0]
+
+
 def distills(teacher: str, student: tuple[int, int]) -> bool:
     """Whether the sweep distills ``student`` (layers, d_model) from ``teacher``: the
     pipeline's teacher distills every student, a swept teacher only students smaller than
@@ -431,7 +462,7 @@ def distills(teacher: str, student: tuple[int, int]) -> bool:
     outside the law, and measured at or below its teacher it only bends the fit."""
     if teacher == "pipeline":
         return True
-    ((t_layers, t_width),) = parse_student_sizes(teacher, "calibrate.teachers")
+    ((t_layers, t_width),) = parse_student_sizes(teacher_size(teacher), "calibrate.teachers")
     return student[0] * student[1] ** 2 < t_layers * t_width ** 2
 
 
@@ -444,6 +475,16 @@ def teacher_budget(teacher_steps: int, steps: list[int], key: str = "calibrate.t
         raise ConfigError(f"{key}: {teacher_steps} is shorter than the largest student budget "
                           f"({steps[-1]} in calibrate.steps); use 0 (= that budget) or at least {steps[-1]}")
     return teacher_steps
+
+
+def cooldown_steps(optim: OptimConfig) -> int:
+    """Steps of a warmup–stable–decay run's cooldown: ``cooldown_fraction`` of its steps, at least 1."""
+    return min(optim.steps, max(1, round(optim.cooldown_fraction * optim.steps)))
+
+
+def stable_end(optim: OptimConfig) -> int:
+    """The step where a warmup–stable–decay run's cooldown starts (its stable phase ends)."""
+    return optim.steps - cooldown_steps(optim)
 
 
 def heldout_count(n_points: int, share: float) -> int:
@@ -465,7 +506,7 @@ def _check_calibrate(cfg: Config, source: str) -> None:
             raise ConfigError(f"{source}: calibrate.{key}: d_model {width} of {layers}x{width} must "
                               f"be divisible by calibrate.head_dim ({cal.head_dim})")
     for kind, n, need in (("supervised", len(students) * len(steps), SUPERVISED_LAW_PARAMS),
-                          ("distillation", len(steps) * sum(distills(t, s) for t in teachers
+                          ("distillation", len(steps) * sum(distills(t, s) for t in sweep_teachers(cal, steps)
                                                              for s in students),
                            DISTILLATION_LAW_PARAMS)):
         fitted = n - heldout_count(n, cal.heldout_share)
@@ -487,6 +528,10 @@ def _check_cross_field(cfg: Config, source: str) -> None:
         if opt.warmup_steps >= opt.steps:
             raise ConfigError(f"{source}: {section}.warmup_steps ({opt.warmup_steps}) must be "
                               f"smaller than {section}.steps ({opt.steps})")
+        if opt.schedule == "wsd" and opt.warmup_steps > stable_end(opt):
+            raise ConfigError(f"{source}: {section}.warmup_steps ({opt.warmup_steps}) must end before "
+                              f"the cooldown starts (step {stable_end(opt)} = {section}.steps minus "
+                              f"{section}.cooldown_fraction ({opt.cooldown_fraction}) of them)")
     if cfg.label.backend == "vllm" and cfg.distill.temperature != 1.0:
         # vLLM's prompt log-probs are raw (τ = 1); top-k alone cannot be re-tempered exactly.
         raise ConfigError(f"{source}: label.backend = vllm needs distill.temperature = 1.0 "

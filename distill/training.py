@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distill.config import DistillConfig, ModelConfig, OptimConfig
+from distill.config import DistillConfig, ModelConfig, OptimConfig, stable_end
 from distill.io import sha256_bytes
 from distill.losses import IGNORE_INDEX, DistillationLoss, SparseTeacher, exact_sample_frequencies
 from distill.provenance import code_fingerprint, fingerprint
@@ -64,6 +64,7 @@ class TrainSpec:
     log_every: int = 10
     label_meta: dict = field(default_factory=dict)
     teacher_dir: str = ""             # set: online distillation from this teacher's full logits
+    z_loss: float = 1e-4              # supervised runs' z-loss (distill.z_loss; loss has its own)
     tracking_uri: str = ""
     mlflow_run_id: str = ""
     data_hash: str = ""
@@ -93,10 +94,19 @@ class TrainResult:
 # ---------------------------------------------------------------------------- steps
 
 def lr_lambda(optim: OptimConfig):
-    """Linear warm-up to 1, then cosine decay to ``min_lr_ratio``."""
+    """Linear warm-up to 1, then (``schedule``) cosine decay to ``min_lr_ratio``, or a constant
+    rate until the last ``cooldown_fraction`` of the steps and a (1-sqrt) cooldown to
+    ``min_lr_ratio`` that reaches it at the last step (warmup–stable–decay)."""
+    start = stable_end(optim)
+
     def factor(step: int) -> float:
         if step < optim.warmup_steps:
             return (step + 1) / optim.warmup_steps
+        if optim.schedule == "wsd":
+            if step < start:
+                return 1.0
+            progress = min(1.0, (step - start + 1) / (optim.steps - start))
+            return optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * (1.0 - math.sqrt(progress))
         progress = (step - optim.warmup_steps) / max(1, optim.steps - optim.warmup_steps)
         cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
         return optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * cosine
@@ -104,12 +114,24 @@ def lr_lambda(optim: OptimConfig):
 
 
 def make_optimizer(model: torch.nn.Module, optim: OptimConfig):
-    """AdamW (decay on matrices only) and its warm-up + cosine scheduler."""
+    """AdamW (decay on matrices only) and its warm-up + cosine or WSD scheduler."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": optim.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=optim.lr, betas=(0.9, 0.95), eps=1e-8)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(optim))
+
+
+def branch_optimizer(model: torch.nn.Module, optimizer, optim: OptimConfig, step: int):
+    """An optimizer for ``model`` (a copy of the one ``optimizer`` trains) with a copy of its
+    state after ``step`` steps, and the scheduler of ``optim`` positioned at ``step``: what a
+    run of ``optim.steps`` steps would hold there, if its schedule agrees up to ``step``."""
+    import copy
+
+    opt, _ = make_optimizer(model, optim)
+    # deep copy: load_state_dict keeps same-device tensors, and the branch must not step the trunk's moments
+    opt.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(optim), last_epoch=step - 1)
 
 
 def hidden_and_head(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,6 +216,95 @@ def eval_step(model, blocks: np.ndarray, batch_size: int, device: torch.device) 
     return total / max(1, count)
 
 
+# ---------------------------------------------------------------------------- data order
+
+def shuffle_window(batch_size: int) -> int:
+    """Rows shuffled together within an epoch: a whole number of batches, at least 64 rows."""
+    return batch_size * max(4, math.ceil(64 / batch_size))
+
+
+def shuffled_batches(chunks, batch_size: int, seed: int):
+    """Batches of ``batch_size`` rows from a stream of column chunks (dicts of equal-length
+    arrays), the rows of each window of ``shuffle_window`` rows permuted by ``seed``; an
+    incomplete last batch is dropped. The output depends on the rows and their order only,
+    not on how the stream is chunked: the train stage (Ray Data shard) and a sweep point
+    (rows in memory) see the same batches for the same rows and seed."""
+    rng = np.random.default_rng(seed)
+    window = shuffle_window(batch_size)
+    pending: dict[str, list] = {}
+    held = 0
+
+    def emit(take: int):
+        cols = {k: np.concatenate(v) for k, v in pending.items()}
+        rest = {k: [c[take:]] for k, c in cols.items()}
+        order = rng.permutation(take)
+        for start in range(0, take - batch_size + 1, batch_size):
+            yield {k: c[:take][order[start:start + batch_size]] for k, c in cols.items()}
+        return rest
+
+    for chunk in chunks:
+        for k, v in chunk.items():
+            pending.setdefault(k, []).append(np.asarray(v))
+        held += len(next(iter(chunk.values())))
+        while held >= window:
+            pending = yield from emit(window)
+            held -= window
+    if held >= batch_size:
+        yield from emit(held)
+
+
+def epoch_rows(order: np.ndarray, batch_size: int, seed: int, steps: int) -> np.ndarray:
+    """[steps, batch] indices into the data, in the order the train stage's worker (one worker)
+    reads them: ``order`` (``open_dataset``'s seeded permutation) epoch after epoch, each epoch
+    through ``shuffled_batches`` seeded ``seed + epoch``."""
+    if len(order) < batch_size:
+        raise ValueError(f"the training data has fewer blocks ({len(order)}) than one batch ({batch_size})")
+    rows, epoch = [], 0
+    while len(rows) < steps:
+        rows += [b["row"] for b in shuffled_batches([{"row": order}], batch_size, seed + epoch)]
+        epoch += 1
+    return np.stack(rows[:steps])
+
+
+def data_order(n_rows: int, seed: int) -> np.ndarray:
+    """The seeded permutation ``open_dataset`` puts small data in."""
+    return np.random.default_rng(seed).permutation(n_rows)
+
+
+def train_with_cooldowns(model, optim: OptimConfig, loss_fn, batch_of, rows: np.ndarray,
+                         budgets: list[int], on_budget, grad_clip: float | None = None) -> None:
+    """Train ``model`` in this process, with the train stage's steps, schedule and data order
+    (``rows`` from :func:`epoch_rows`; ``batch_of(rows)`` gives a step's tensors), and call
+    ``on_budget(steps, model)`` with the model a run of ``optim`` at each of ``budgets`` steps
+    ends with. Warmup–stable–decay: one trunk at the stable rate, each shorter budget's
+    cooldown a branch copied from it (Hägele et al. 2024), so all budgets cost about the
+    longest one. Cosine: the schedule depends on the run's length, so only one budget."""
+    import copy
+
+    budgets = sorted(set(budgets))
+    if optim.schedule != "wsd" and len(budgets) > 1:
+        raise ValueError(f"schedule {optim.schedule!r} cannot branch budgets {budgets} from one run (use wsd)")
+    if len(rows) < budgets[-1]:
+        raise ValueError(f"{len(rows)} batches of rows for a {budgets[-1]}-step run")
+    clip = optim.grad_clip if grad_clip is None else grad_clip
+    trunk_optim = dataclasses.replace(optim, steps=budgets[-1])
+    optimizer, scheduler = make_optimizer(model, trunk_optim)
+    step = 0
+    for budget in budgets[:-1]:
+        branch_optim = dataclasses.replace(optim, steps=budget)
+        for step in range(step, stable_end(branch_optim)):
+            train_step(model, loss_fn, optimizer, scheduler, batch_of(rows[step]), clip, 1)
+        step = stable_end(branch_optim)
+        branch = copy.deepcopy(model)
+        b_opt, b_sched = branch_optimizer(branch, optimizer, branch_optim, step)
+        for s in range(step, budget):
+            train_step(branch, loss_fn, b_opt, b_sched, batch_of(rows[s]), clip, 1)
+        on_budget(budget, branch)
+    for s in range(step, budgets[-1]):
+        train_step(model, loss_fn, optimizer, scheduler, batch_of(rows[s]), clip, 1)
+    on_budget(budgets[-1], model)
+
+
 # ---------------------------------------------------------------------------- worker
 
 def build_or_load_model(spec: TrainSpec):
@@ -236,9 +347,8 @@ def train_loop_per_worker(config: dict) -> None:
     tokens_per_step = per_worker * world * (spec.block_size - 1)
     t0 = time.perf_counter()
     while state["step"] < spec.optim.steps:
-        iterator = shard.iter_batches(batch_size=per_worker, batch_format="numpy", drop_last=True,
-                                      local_shuffle_buffer_size=max(4 * per_worker, 64),
-                                      local_shuffle_seed=spec.seed + state["epoch"])
+        rows = shard.iter_batches(batch_size=shuffle_window(per_worker), batch_format="numpy")
+        iterator = shuffled_batches(rows, per_worker, spec.seed + state["epoch"])
         for i, batch in enumerate(iterator):
             if i < state["batch_in_epoch"]:
                 continue  # resuming mid-epoch: skip what was already trained on
@@ -334,9 +444,9 @@ def broadcast_parameters(model) -> None:
 
 
 def build_loss(spec: TrainSpec) -> DistillationLoss:
-    """The distillation loss, or plain NTP (+ z-loss) when supervised."""
+    """The distillation loss, or plain NTP (+ ``spec.z_loss``) when supervised."""
     if spec.loss is None:
-        return DistillationLoss(alpha=0.0, z_loss=1e-4)
+        return DistillationLoss(alpha=0.0, z_loss=spec.z_loss)
     c = spec.loss
     return DistillationLoss(alpha=c.alpha, temperature=c.temperature, kind=c.divergence,
                             beta=c.jsd_beta, z_loss=c.z_loss, chunk_positions=c.chunk_positions)
@@ -538,7 +648,7 @@ def spec_from_config(cfg, role: str, model: ModelConfig, optim: OptimConfig,
         seed=cfg.seed, num_workers=cfg.train.num_workers, cpus_per_worker=cfg.train.cpus_per_worker,
         use_gpu=cfg.train.use_gpu, checkpoint_every=cfg.train.checkpoint_every,
         max_failures=cfg.train.max_failures, eval_blocks=cfg.evaluate.max_blocks,
-        data_hash=data_hash[:16], **extra)
+        data_hash=data_hash[:16], z_loss=cfg.distill.z_loss, **extra)
 
 
 def model_inputs(model: ModelConfig, teacher_dir: str) -> dict[str, str]:

@@ -121,6 +121,23 @@ def print_fit(fit) -> None:
               f"max {100 * err['max_abs']:.2f}%")
     if not fit.heldout:
         print("no points held out (calibrate.heldout_share = 0): the prediction error is not measured")
+    print(teacher_terms_line(fit.coefficients))
+
+
+def teacher_terms_line(coefs) -> str:
+    """Eq. 8's teacher terms (c0, c1, d1, f1) with their 95% bootstrap intervals, and how many
+    distinct teacher losses they were fitted on (fewer than 3 cannot identify them)."""
+    q = coefs.quality
+    intervals = q.get("distillation_intervals_95") or {}
+    terms = []
+    for name in ("c0", "c1", "d1", "f1"):
+        value = getattr(coefs.distillation, name)
+        ci = intervals.get(name)
+        terms.append(f"{name} {value:.3g}" + (f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else ""))
+    n_teachers = q.get("distinct_teacher_losses")
+    where = f" from {n_teachers} teacher losses" if n_teachers is not None else ""
+    ci_note = "" if intervals else " (no intervals: calibrate.bootstrap = 0)"
+    return f"Eq. 8 teacher terms{where}: {', '.join(terms)}{ci_note}"
 
 
 def main() -> None:

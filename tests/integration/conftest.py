@@ -32,7 +32,8 @@ TINY_PARAMS = {
     # A tiny sweep (8 supervised + 12 distillation configurations × 2 seeds, and the swept
     # teacher's run, of a few steps each): seconds per run.
     "calibrate": {"students": "1x8, 1x16", "head_dim": 8, "steps": "5, 10, 20, 40",
-                  "teachers": "pipeline, 1x16", "teacher_steps": 80, "seeds": 2, "heldout_share": 0.1,
+                  "teachers": "pipeline, 1x16", "teacher_steps": 80, "teacher_strengths": 1, "seeds": 2,
+                  "heldout_share": 0.1,
                   "bootstrap": 5, "fit_starts": 8},
     "distill": {"top_k": 8, "alpha": 0.5},
     "label": {"batch_size": 16},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from pathlib import Path
@@ -125,3 +126,29 @@ def test_divergence_stops_training_naming_step_and_checkpoint(data, tmp_path):
     marker = tmp_path / "runs" / diverging.run_name() / "DIVERGED"
     assert marker.is_file()
     assert not (tmp_path / "student").exists()  # nothing that looks like a finished model
+
+
+def test_a_sweep_point_is_the_train_stages_run(data, tmp_path):
+    """One trainer: the calibration sweep's point (in-process driver, no Ray Train) and the
+    train stage's run (Ray Train worker reading a Ray Data shard) of the same configuration and
+    seed — model, schedule, data order over two epochs, loss with its z-loss — end with the
+    same validation loss."""
+    from distill.blocks import read_blocks
+    from distill.calibration import SweepData, SweepPoint, train_point
+
+    optim = OptimConfig(steps=60, batch_size=16, lr=3e-3, warmup_steps=5, eval_every=30)
+    stage = run_training(spec(data, tmp_path / "runs", optim=optim, z_loss=1e-3), tmp_path / "student")
+    _, train = read_blocks(data / "train")
+    _, val = read_blocks(data / "val", limit=64)
+    sweep_data = SweepData(train=train, val=val, vocab_size=VOCAB, eos_id=0, pad_id=1,
+                           tokenizer_dir=str(data / "tokenizer"))
+    point = SweepPoint(kind="supervised", layers=2, d_model=64, heads=4, steps=optim.steps,
+                       batch_size=optim.batch_size, lr=optim.lr, warmup_steps=optim.warmup_steps,
+                       min_lr_ratio=optim.min_lr_ratio, weight_decay=optim.weight_decay,
+                       grad_clip=optim.grad_clip, seed=0, schedule=optim.schedule,
+                       cooldown_fraction=optim.cooldown_fraction, z_loss=1e-3)
+    record = train_point(point, sweep_data)
+    assert record["L"] == pytest.approx(stage.final["val_loss"], rel=1e-4)
+    # and it is not a loss any configuration would reach: another seed's run differs
+    other = train_point(dataclasses.replace(point, seed=1), sweep_data)
+    assert abs(other["L"] - record["L"]) > 1e-3

@@ -43,10 +43,12 @@ def test_plan_covers_sizes_budgets_and_teachers():
     points = plan_points(config())
     sup = [p for p in points if p.kind == "supervised"]
     dist = [p for p in points if p.kind == "distill"]
-    # the pipeline's teacher distills all 3 sizes, the swept 3x96 only the 2 smaller ones
-    assert len(sup) == 3 * 2 and len(dist) == 3 * 2 + 2 * 2
-    assert {p.teacher for p in dist} == {"pipeline", "3x96"}
-    assert {p.size for p in dist if p.teacher == "3x96"} == {"1x48", "2x64"}
+    # the pipeline's teacher distills all 3 sizes, the swept 3x96 (3 strengths: its run's
+    # cooldowns at 300, 150 and 75 steps) only the 2 smaller ones
+    assert len(sup) == 3 * 2 and len(dist) == 3 * 2 + 3 * 2 * 2
+    assert {p.teacher for p in dist} == {"pipeline", "3x96@75", "3x96@150", "3x96@300"}
+    assert {p.size for p in dist if p.teacher.startswith("3x96")} == {"1x48", "2x64"}
+    assert [(p.size, p.steps) for p in points if p.kind == "teacher"] == [("3x96", s) for s in (75, 150, 300)]
     assert {(p.layers, p.d_model, p.heads) for p in sup} == {(1, 48, 3), (2, 64, 4), (3, 96, 6)}
 
 
@@ -59,19 +61,28 @@ def test_the_pipelines_own_run_is_a_point_and_lr_scales_with_width():
     wide = next(p for p in points if p.size == "3x96")
     assert wide.lr == pytest.approx(0.004 * (64 / 96) ** 0.5)
     short = next(p for p in points if p.steps == 100)
-    assert short.warmup_steps == round(100 * 20 / 300)  # same schedule shape at every budget
+    # warmup–stable–decay: every budget shares the warm-up (its cooldown branches off the trunk)
+    assert short.warmup_steps == 20 and short.schedule == "wsd" and short.run() == dataclasses.replace(
+        next(p for p in points if p.kind == "supervised" and p.size == short.size and p.steps == 300), steps=0)
+    cosine = plan_points(build_config({**BASE, "train": {**BASE["train"], "schedule": "cosine"}}))
+    short = next(p for p in cosine if p.steps == 100)
+    assert short.warmup_steps == round(100 * 20 / 300) and short.run() == short  # cosine: same shape, own run
 
 
 def test_warmup_share_never_reaches_the_last_step():
-    cfg = build_config({"train": {"steps": 10, "warmup_steps": 9}, "calibrate": {"steps": "2, 4, 8"}})
+    cfg = build_config({"train": {"steps": 10, "warmup_steps": 7, "schedule": "cosine"},
+                        "calibrate": {"steps": "2, 4, 8"}})
+    assert [warmup_for_steps(cfg, s) for s in (2, 4, 8)] == [1, 3, 6]
+    cfg = build_config({"train": {"steps": 10, "warmup_steps": 7}, "calibrate": {"steps": "2, 4, 8"}})
     assert [warmup_for_steps(cfg, s) for s in (2, 4, 8)] == [1, 3, 7]
 
 
-def test_sweep_teacher_is_the_largest_budget_of_its_size():
+def test_sweep_teacher_runs_are_named_by_size_and_budget():
     points = plan_points(config())
-    assert teacher_point(points, "3x96").steps == 300
+    assert teacher_point(points, "3x96@300").steps == 300
+    assert teacher_point(points, "3x96@75").kind == "teacher"
     with pytest.raises(ValueError, match="calibrate.teachers"):
-        teacher_point(points, "9x9")
+        teacher_point(points, "9x9@10")
 
 
 def test_a_swept_teacher_trains_for_teacher_steps_and_need_not_be_a_student():
@@ -79,16 +90,16 @@ def test_a_swept_teacher_trains_for_teacher_steps_and_need_not_be_a_student():
                                 teacher_steps=600))
     sup = [(p.size, p.steps) for p in points if p.kind == "supervised"]
     assert sup == [(s, b) for s in ("1x48", "2x64") for b in (100, 200, 300)]
-    # the teacher's own longer run: not a configuration of the fit, only the teacher
-    assert [(p.size, p.steps) for p in points if p.kind == "teacher"] == [("3x96", 600)]
-    assert teacher_point(points, "3x96").steps == 600
+    # the teacher's own longer run (one run, three cooldowns): not configurations of the fit
+    assert [(p.size, p.steps) for p in points if p.kind == "teacher"] == [("3x96", s) for s in (150, 300, 600)]
+    assert len({p.run() for p in points if p.kind == "teacher"}) == 1
     assert {(p.size, p.teacher) for p in points if p.kind == "distill"} == {
-        (s, t) for s in ("1x48", "2x64") for t in ("pipeline", "3x96")}
-    # a teacher that is also a student keeps its student budgets and adds the longer run
-    both = plan_points(config(teacher_steps=600))
+        (s, t) for s in ("1x48", "2x64") for t in ("pipeline", "3x96@150", "3x96@300", "3x96@600")}
+    # a teacher that is also a student keeps its student budgets and adds its own run
+    both = plan_points(config(teacher_steps=600, teacher_strengths=1))
     assert [(p.kind, p.steps) for p in both if p.size == "3x96" and p.kind != "distill"] == [
         ("supervised", 100), ("supervised", 300), ("teacher", 600)]
-    assert teacher_point(both, "3x96").steps == 600
+    assert teacher_point(both, "3x96@600").steps == 600
 
 
 def test_seeds_repeat_every_configuration_but_not_the_teachers_run():
@@ -96,8 +107,8 @@ def test_seeds_repeat_every_configuration_but_not_the_teachers_run():
     one = plan_points(config(teacher_steps=600))
     assert len([p for p in points if p.kind != "teacher"]) == 3 * len([p for p in one if p.kind != "teacher"])
     assert {p.seed for p in points if p.kind in ("supervised", "distill")} == {0, 1, 2}
-    assert [p.seed for p in points if p.kind == "teacher"] == [0]
-    assert teacher_point(points, "3x96").seed == 0
+    assert {p.seed for p in points if p.kind == "teacher"} == {0}
+    assert teacher_point(points, "3x96@600").seed == 0
 
 
 def run_record(kind, size, steps, seed, loss, teacher=""):
@@ -156,17 +167,16 @@ def test_keys_change_with_what_changes_the_result():
     assert key(dataclasses.replace(sup, lr=sup.lr * 2)) != key(sup)
 
 
-def test_a_sweep_teachers_key_follows_its_supervised_point():
+def test_a_sweep_teachers_key_follows_its_teacher_run():
     cfg = config()
     points = plan_points(cfg)
-    from_sweep = next(p for p in points if p.kind == "distill" and p.teacher == "3x96")
-    before = point_key(from_sweep, context(), points)
-    other = plan_points(build_config({**BASE, "calibrate": {**BASE["calibrate"], "steps": "100, 400"}}))
-    moved = next(p for p in other if p.kind == "distill" and p.teacher == "3x96" and p.steps == 100)
-    same_point = next(p for p in points if p.kind == "distill" and p.teacher == "3x96" and p.steps == 100)
-    assert moved == same_point  # the student's run is identical ...
-    assert point_key(moved, context(), other) != point_key(same_point, context(), points)  # ... its teacher not
-    assert before == point_key(from_sweep, context(), points)
+    student = next(p for p in points if p.kind == "distill" and p.teacher == "3x96@150" and p.steps == 100)
+    before = point_key(student, context(), points)
+    teacher = teacher_point(points, "3x96@150")
+    other = [dataclasses.replace(p, lr=p.lr * 2) if p == teacher else p for p in points]
+    assert student in other  # the student's run is identical ...
+    assert point_key(student, context(), other) != before  # ... its teacher not
+    assert before == point_key(student, context(), points)
 
 
 def test_store_skips_finished_points_and_replans_a_lost_teacher_model(tmp_path):
@@ -178,11 +188,16 @@ def test_store_skips_finished_points_and_replans_a_lost_teacher_model(tmp_path):
         if p.kind == "supervised":
             store.put(k, {"key": k, "kind": p.kind, "L": 5.0 + i})
     plan = plan_sweep(points, ctx, store)
-    teacher_key = point_key(teacher_point(points, "3x96"), ctx, points)
-    # Every supervised point is done except the teacher, whose model folder is missing.
-    assert {points[i].kind for i in plan.pending} == {"distill", "supervised"}
-    assert [plan.keys[i] for i in plan.pending if points[i].kind == "supervised"] == [teacher_key]
-    store.model_dir(teacher_key).mkdir(parents=True)
+    teacher_keys = [point_key(teacher_point(points, f"3x96@{s}"), ctx, points) for s in (75, 150, 300)]
+    for i, (p, k) in enumerate(zip(points, plan.keys)):
+        if p.kind == "teacher":
+            store.put(k, {"key": k, "kind": p.kind, "L": 4.0})
+    plan = plan_sweep(points, ctx, store)
+    # Every supervised point is done; the teachers are not, as their model folders are missing.
+    assert {points[i].kind for i in plan.pending} == {"distill", "teacher"}
+    assert sorted(plan.keys[i] for i in plan.pending if points[i].kind == "teacher") == sorted(teacher_keys)
+    for key in teacher_keys:
+        store.model_dir(key).mkdir(parents=True)
     plan = plan_sweep(points, ctx, store)
     assert {points[i].kind for i in plan.pending} == {"distill"}
     assert store.get(plan.keys[0])["L"] == 5.0
@@ -192,7 +207,7 @@ def test_batches_cover_each_epoch_once_and_drop_the_remainder():
     idx = batch_indices(10, 4, steps=5, seed=0)
     assert idx.shape == (5, 4)
     assert sorted(idx[:2].ravel().tolist()) == sorted(set(idx[:2].ravel().tolist()))  # epoch 1: no repeats
-    assert not np.array_equal(idx[:2], idx[2:4])  # a fresh permutation per epoch
+    assert not np.array_equal(idx[:2], idx[2:4])  # the shuffle window is reseeded per epoch
     with pytest.raises(ValueError, match="train.batch_size"):
         batch_indices(3, 4, steps=1, seed=0)
 
@@ -221,7 +236,8 @@ def _point(kind="supervised", steps=30, teacher="", size="1x32"):
     cfg = build_config({"train": {"batch_size": 8, "lr": 0.01, "steps": 30, "warmup_steps": 3},
                         "student": {"d_model": 32}, "calibrate": {"students": "1x16, 1x32", "head_dim": 8,
                                                                   "steps": "10, 20, 30", "heldout_share": 0,
-                                                                  "teachers": "pipeline, 1x32"}})
+                                                                  "teachers": "pipeline, 1x32",
+                                                                  "teacher_strengths": 1, "teacher_steps": 0}})
     return next(p for p in plan_points(cfg) if p.kind == kind and p.steps == steps and p.size == size
                 and p.teacher == teacher)
 
@@ -235,10 +251,10 @@ def test_supervised_and_distilled_points_train_and_a_teacher_is_reusable(tiny_da
     assert labels["topk_ids"].shape == (40, 16, 8) and labels["rest_logprob"].shape == (40, 16)
     assert labels["topk_logprobs"].dtype == np.float16  # as the label stage stores them
     assert labels["teacher_loss"] == pytest.approx(rec["L"], rel=1e-4)  # same model, same val blocks
-    dist = train_point(_point("distill", 20, "1x32", "1x16"), tiny_data, DistillConfig(top_k=8), labels)
+    dist = train_point(_point("distill", 20, "1x32@30", "1x16"), tiny_data, DistillConfig(top_k=8), labels)
     assert dist["L_T"] == labels["teacher_loss"] and math.isfinite(dist["L"])
     with pytest.raises(ValueError, match="need teacher labels"):
-        train_point(_point("distill", 20, "1x32", "1x16"), tiny_data, DistillConfig(top_k=8))
+        train_point(_point("distill", 20, "1x32@30", "1x16"), tiny_data, DistillConfig(top_k=8))
 
 
 # ---------------------------------------------------------------------------- the fit
@@ -298,6 +314,19 @@ def test_fit_recovers_known_laws_and_writes_a_file_the_gate_uses(tmp_path):
     assert (decision.decision == "distill") == (truth_margin > 0)
     with pytest.warns(UserWarning, match="outside the support"):
         decide(dataclasses.replace(query, student_params=1e8), coefs)
+
+
+def test_teacher_terms_are_reported_with_intervals_and_their_teacher_count():
+    from tasks.calibrate import teacher_terms_line
+
+    records = synthetic_records()
+    fit = fit_calibration(records, heldout_share=0.0, n_starts=4, n_bootstrap=4)
+    assert fit.coefficients.quality["distinct_teacher_losses"] == 2  # 2.6 and 3.2: too few to identify
+    line = teacher_terms_line(fit.coefficients)
+    assert line.startswith("Eq. 8 teacher terms from 2 teacher losses: c0 ")
+    assert all(f"{name} " in line for name in ("c1", "d1", "f1")) and line.count("[") == 4
+    bare = teacher_terms_line(fit_calibration(records, heldout_share=0.0, n_starts=4).coefficients)
+    assert "no intervals" in bare
 
 
 def test_fit_records_what_the_laws_can_promise_and_the_gate_warns_on_a_margin_within_it():
