@@ -38,6 +38,7 @@ from tasks.common import (DECISION, LABELS, PREPARED, TEACHER_DIR, TEACHER_JSON,
 
 ERRORS_FILE = "errors.parquet"
 SMALL_DATA_BYTES = 256 * 1024 * 1024  # below this the driver selects the pending blocks itself
+READ_CONCURRENCY = 2  # parquet read tasks at once feeding the labeling actors (they take no CPU)
 
 
 def run(cfg: Config, out: Path = LABELS) -> dict:
@@ -147,7 +148,9 @@ def label_with_ray(cfg: Config, backend: str, settings: LabelSettings, manifest:
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     ds = pending_dataset(manifest, missing)
     labeler, kwargs = teacher_backend(cfg, backend, settings, manifest)
-    gpus = actor_gpus(cfg.label, backend, cuda_available(), ray.cluster_resources().get("GPU", 0.0))
+    cluster = ray.cluster_resources()
+    gpus = actor_gpus(cfg.label, backend, cuda_available(), cluster.get("GPU", 0.0))
+    check_actor_cpus(cfg.label, cluster.get("CPU", 0.0))
     ds = ds.map_batches(labeler, fn_constructor_kwargs=kwargs, batch_size=cfg.label.batch_size,
                         batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=cfg.label.num_actors),
                         num_cpus=cfg.label.cpus_per_actor, num_gpus=gpus or None)
@@ -180,6 +183,19 @@ def actor_gpus(label, backend: str, cuda: bool, cluster_gpus: float) -> float:
                          f"would never be scheduled. Fix: lower label.gpus_per_actor or "
                          f"label.num_actors, or join a cluster with more GPUs (RAY_ADDRESS)")
     return gpus
+
+
+def check_actor_cpus(label, cluster_cpus: float) -> None:
+    """Refuse a pool the Ray cluster cannot hold: ``num_actors`` × ``cpus_per_actor`` CPUs
+    must exist, or the missing actors never schedule and the stage waits for ever. (The pool's
+    input takes no CPU of its own: see :func:`pending_dataset`.)"""
+    need = label.num_actors * label.cpus_per_actor
+    if need > cluster_cpus + 1e-9:
+        raise ValueError(f"label.num_actors = {label.num_actors} × label.cpus_per_actor = "
+                         f"{label.cpus_per_actor:g} = {need:g} CPUs, but the Ray cluster has "
+                         f"{cluster_cpus:g}: the labeling actors would never all be scheduled. "
+                         f"Fix: lower label.num_actors or label.cpus_per_actor (fractions are "
+                         f"allowed), or join a cluster with more CPUs (ray.address / RAY_ADDRESS)")
 
 
 def label_in_process(cfg: Config, settings: LabelSettings, manifest: dict,
@@ -215,13 +231,51 @@ def pending_dataset(manifest: dict, missing: list[str]):
     if sum(Path(p).stat().st_size for p in paths) <= SMALL_DATA_BYTES:
         # Small data: the driver selects the rows (starting read tasks costs seconds on 2 cores).
         return ray.data.from_arrow(pending_tables(manifest, missing))
-    keep = set(missing)
+    # Not ray.data.read_parquet: its file listing is a Ray task asking for 1 CPU, which no
+    # option lowers. With a pool holding every CPU (2 actors × 1 CPU on a 2-CPU machine) the
+    # listing never ran and the actors waited for ever for input (measured: no block labeled
+    # in 2 minutes, Ray Data's log showing "ListFiles - Tasks: 1" pending throughout; 1 actor
+    # finished in 36 s). These read tasks ask for no CPU — reading a shard and keeping its
+    # pending rows is light next to the teacher — and READ_CONCURRENCY bounds how many run.
+    return ray.data.read_datasource(pending_blocks_source(paths, missing), num_cpus=0,
+                                    concurrency=READ_CONCURRENCY,
+                                    label_selector=on_this_node())
 
-    def select(batch: dict) -> dict:
-        mask = np.fromiter((b in keep for b in batch["block_id"]), bool, len(batch["block_id"]))
-        return {k: v[mask] for k, v in batch.items()}
 
-    return ray.data.read_parquet(paths).map_batches(select, batch_format="numpy")
+def on_this_node() -> dict[str, str]:
+    """A Ray label selector for the driver's node: the prepared shards are files there (a
+    cluster's other nodes cannot read them)."""
+    import ray
+
+    return {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
+
+
+def pending_blocks_source(paths: list[str], missing: list[str]):
+    """A Ray Data datasource with one read task per prepared train shard, yielding that
+    shard's ``missing`` rows (in shard order)."""
+    import ray
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    # in the object store once, not pickled into every read task
+    wanted = ray.put(pa.array(missing, type=pa.string()))
+
+    def read_shard(path: str) -> list[pa.Table]:
+        table = pq.read_table(path)
+        return [table.filter(pc.is_in(table.column("block_id"), value_set=ray.get(wanted)))]
+
+    class PendingBlocks(Datasource):
+        def estimate_inmemory_data_size(self) -> int:
+            return sum(Path(p).stat().st_size for p in paths)
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit=None,
+                           data_context=None) -> list[ReadTask]:
+            return [ReadTask(lambda p=p: read_shard(p),
+                             BlockMetadata(num_rows=None, size_bytes=Path(p).stat().st_size,
+                                           exec_stats=None, input_files=[p]))
+                    for p in paths]
+
+    return PendingBlocks()
 
 
 def teacher_backend(cfg: Config, backend: str, settings: LabelSettings, manifest: dict):
