@@ -33,6 +33,8 @@ from distill.labels import (KEEP_SETTINGS, LabelSettings, compact_shard, index_l
                             labels_table, mark_used, plan_labels, retention_plan, settings_for_run,
                             shard_name, write_error_table, write_label_shard)
 from distill.raylocal import init_ray
+from distill.storage import LABELS as LABELS_IN_STORAGE
+from distill.storage import Storage, resolve_storage
 from tasks.common import (DECISION, LABELS, PREPARED, TEACHER_DIR, TEACHER_JSON, log_to_mlflow,
                           stage_main, write_skipped)
 
@@ -70,6 +72,9 @@ def label_train_blocks(cfg: Config, out: Path, teacher: dict, manifest: dict) ->
     settings = settings_for_run(cfg.distill.top_k, cfg.distill.temperature, teacher, manifest,
                                 cfg.label, cfg.seed, cfg.distill.label_kind, cfg.distill.samples)
     wanted = train_block_ids(manifest)
+    mirror = label_mirror(cfg)
+    if mirror is not None and (fetched := mirror.download_missing(out, LABELS_IN_STORAGE)):
+        print(f"fetched {len(fetched)} label shards from {mirror.uri(LABELS_IN_STORAGE)}")
     index, unusable = index_label_shards(out, settings)
     plan = plan_labels(wanted, index)
     print(f"labeling {len(plan.missing)} of {len(wanted)} train blocks ({plan.cached} already "
@@ -77,7 +82,7 @@ def label_train_blocks(cfg: Config, out: Path, teacher: dict, manifest: dict) ->
           f"{settings.dtype}, labeler code {settings.code[:12]})")
     errors: list[dict] = []
     if plan.missing:
-        errors = label_blocks(cfg, plan.missing, settings, manifest, out)
+        errors = label_blocks(cfg, plan.missing, settings, manifest, out, mirror)
     for name, keep in plan.compact.items():
         print(f"compacting {name}: keeping {len(keep)} of {len(index[name])} blocks")
         compact_shard(out, name, keep, settings)
@@ -86,6 +91,8 @@ def label_train_blocks(cfg: Config, out: Path, teacher: dict, manifest: dict) ->
     kept_other = apply_retention(unusable)
     write_error_table(errors, out / ERRORS_FILE)
     shards, _ = index_label_shards(out, settings)
+    if mirror is not None:
+        upload_missing_shards(mirror, out, list(shards))
     mark_used(out, list(shards))
     if kept_other:
         print(f"kept {kept_other} shards of other label settings (up to {KEEP_SETTINGS} settings "
@@ -98,6 +105,25 @@ def label_train_blocks(cfg: Config, out: Path, teacher: dict, manifest: dict) ->
                        reused=plan.cached, compacted=len(plan.compact), errors=errors)
     write_json(out / "manifest.json", result)  # the completion marker, written last
     return result
+
+
+def label_mirror(cfg: Config) -> Storage | None:
+    """The storage that keeps a copy of every label shard (``storage.root``), or None.
+
+    The label folder stays the stage's DVC output; the copy under ``<root>/labels`` is the
+    cache every node and every fresh clone shares: a run fetches the shards it lacks before
+    planning, and each shard is uploaded as soon as it is written (a run stopped mid-way, on
+    any node, resumes from what reached the store)."""
+    storage = resolve_storage(cfg.storage.root)
+    return storage if storage.explicit else None
+
+
+def upload_missing_shards(mirror: Storage, out: Path, names: list[str]) -> None:
+    """Upload the shards in ``names`` the store lacks (compacted ones, or a run without a store)."""
+    stored = set(mirror.files(LABELS_IN_STORAGE))
+    for name in names:
+        if name not in stored:
+            mirror.upload(out / name, LABELS_IN_STORAGE, name)
 
 
 def apply_retention(other: list[Path]) -> int:
@@ -119,7 +145,7 @@ def train_block_ids(manifest: dict) -> list[str]:
 
 
 def label_blocks(cfg: Config, missing: list[str], settings: LabelSettings, manifest: dict,
-                 out: Path) -> list[dict]:
+                 out: Path, mirror: Storage | None = None) -> list[dict]:
     """Run the teacher over the ``missing`` blocks, writing shards of ``data.shard_blocks``
     labeled rows as they complete; returns the per-block errors.
 
@@ -127,7 +153,7 @@ def label_blocks(cfg: Config, missing: list[str], settings: LabelSettings, manif
     ``label.inline_blocks`` pending blocks in this process: same labeler, same batches, same
     shards, without the seconds of starting Ray and a worker that loads the teacher."""
     backend = settings.backend  # resolved once, in settings_for_run
-    writer = ShardWriter(out, settings, cfg.data.shard_blocks, total=len(missing))
+    writer = ShardWriter(out, settings, cfg.data.shard_blocks, total=len(missing), mirror=mirror)
     if backend == "hf" and len(missing) <= cfg.label.inline_blocks:
         print(f"labeling in this process ({len(missing)} ≤ label.inline_blocks = {cfg.label.inline_blocks})")
         batches = label_in_process(cfg, settings, manifest, missing)
@@ -315,8 +341,10 @@ class ShardWriter:
     COLUMNS = ("block_id", "input_ids", "topk_ids", "topk_logprobs", "rest_logprob",
                "teacher_nll", "loss_from", "length")
 
-    def __init__(self, out: Path, settings: LabelSettings, shard_blocks: int, total: int):
+    def __init__(self, out: Path, settings: LabelSettings, shard_blocks: int, total: int,
+                 mirror: Storage | None = None):
         self.out, self.settings, self.shard_blocks, self.total = out, settings, shard_blocks, total
+        self.mirror = mirror
         self.parts: list[dict] = []
         self.buffered = 0
         self.seen = 0
@@ -344,6 +372,8 @@ class ShardWriter:
         self.buffered -= rows
         name = shard_name(self.settings, [str(b) for b in chunk["block_id"]])
         write_label_shard(labels_table(chunk, self.settings), self.out / name)
+        if self.mirror is not None:
+            self.mirror.upload(self.out / name, LABELS_IN_STORAGE, name)
         self.written += rows
         print(f"labeled {self.seen}/{self.total} blocks ({len(self.errors)} errors) → {name} "
               f"({rows} blocks)", flush=True)
