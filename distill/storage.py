@@ -95,6 +95,33 @@ def storage_for_ray_train(uri: str) -> dict:
     return {"storage_path": path, "storage_filesystem": fs}
 
 
+def write_text(uri: str, text: str) -> None:
+    """Write ``text`` to the file ``uri`` (a local path or ``s3://``), making its folder."""
+    fs, path = _filesystem_of(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(text.encode())
+
+
+def read_text(uri: str) -> str | None:
+    """The text of the file ``uri`` (a local path or ``s3://``), or None where there is none."""
+    import pyarrow.fs as pafs
+
+    fs, path = _filesystem_of(uri)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        return f.read().decode()
+
+
+def _filesystem_of(uri: str):
+    import pyarrow.fs as pafs
+
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), str(Path(uri).resolve())
+
+
 def resolve_storage(root: str, project: Path | None = None) -> Storage:
     """The storage of ``storage.root`` (validated by the config); ``""`` = the project folder."""
     if root:

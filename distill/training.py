@@ -30,7 +30,7 @@ from distill.config import DistillConfig, ModelConfig, OptimConfig
 from distill.io import sha256_bytes
 from distill.losses import IGNORE_INDEX, DistillationLoss, SparseTeacher, exact_sample_frequencies
 from distill.provenance import code_fingerprint, fingerprint
-from distill.storage import resolve_storage, runs_uri, storage_for_ray_train
+from distill.storage import read_text, resolve_storage, runs_uri, storage_for_ray_train, write_text
 
 
 def training_code_fingerprint() -> str:
@@ -284,23 +284,21 @@ def train_loop_per_worker(config: dict) -> None:
     report_checkpoint(spec, model, optimizer, scheduler, state, final, rank, final=True)
 
 
-def divergence_marker(spec: TrainSpec) -> Path:
+def divergence_marker(spec: TrainSpec) -> str:
     """File that records a divergence of this run (same inputs → same run → same NaN)."""
-    return Path(spec.storage_path) / spec.run_name() / "DIVERGED"
+    return f"{spec.storage_path.rstrip('/')}/{spec.run_name()}/DIVERGED"  # a folder or s3:// URI
 
 
 def mark_diverged(spec: TrainSpec, message: str) -> None:
     """Record the divergence so a restarted worker stops instead of training on."""
-    path = divergence_marker(spec)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(message)
+    write_text(divergence_marker(spec), message)
 
 
 def refuse_if_diverged(spec: TrainSpec) -> None:
     """A diverged run is never continued: Ray Train's restarts (max_failures) stop here too."""
     path = divergence_marker(spec)
-    if path.is_file():
-        raise FloatingPointError(f"{path.read_text()} (recorded in {path}; change the parameters, "
+    if (message := read_text(path)) is not None:
+        raise FloatingPointError(f"{message} (recorded in {path}; change the parameters, "
                                  f"e.g. a lower learning rate, to start a new run)")
 
 

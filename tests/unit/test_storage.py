@@ -43,3 +43,12 @@ def test_a_local_root_uploads_lists_and_downloads(tmp_path):
     assert storage.download_missing(local, "labels") == []  # only what is missing
     cfg = build_config({"storage": {"root": str(tmp_path / "store")}})
     assert mlflow_artifacts_uri(cfg, "x") == (tmp_path / "store" / "mlflow-artifacts").as_uri()
+
+
+def test_text_files_by_path_round_trip_and_a_missing_one_is_none(tmp_path):
+    from distill.storage import read_text, write_text
+
+    target = str(tmp_path / "runs" / "teacher-x" / "DIVERGED")
+    assert read_text(target) is None
+    write_text(target, "diverged at step 3")
+    assert read_text(target) == "diverged at step 3"
