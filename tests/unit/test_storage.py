@@ -52,3 +52,14 @@ def test_text_files_by_path_round_trip_and_a_missing_one_is_none(tmp_path):
     assert read_text(target) is None
     write_text(target, "diverged at step 3")
     assert read_text(target) == "diverged at step 3"
+
+
+def test_calibration_points_are_copied_to_the_storage_and_fetched_back(tmp_path):
+    from distill.calibration import PointStore
+    from distill.storage import CALIBRATION
+
+    storage = resolve_storage(str(tmp_path / "store"))
+    PointStore(tmp_path / "node1", storage).put("abc", {"loss": 3.5})
+    assert storage.files(CALIBRATION, "points") == ["abc.json"]
+    assert storage.download_missing(tmp_path / "node2" / "points", CALIBRATION, "points") == ["abc.json"]
+    assert PointStore(tmp_path / "node2").get("abc") == {"loss": 3.5}
