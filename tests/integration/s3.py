@@ -83,6 +83,8 @@ def seaweedfs(folder: Path):
         "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
     cmd = [weed_binary(), "server", f"-dir={folder}", "-s3", f"-s3.config={identities}", f"-s3.port={s3_port}",
            f"-master.port={free_port()}", f"-volume.port={free_port()}", f"-filer.port={free_port()}",
+           # gRPC ports default to port + 10000: past 65535 for a high free port
+           *(f"-{s}.port.grpc={free_port()}" for s in ("master", "volume", "filer", "s3")),
            # its Iceberg and Lance servers would take fixed ports (8181, 9101): off
            "-s3.port.iceberg=0", "-s3.port.lance=0",
            "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-volume.max=20"]

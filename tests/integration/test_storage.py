@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from tests.integration.conftest import TINY_PARAMS, deep_merge, make_project
+from tests.integration.conftest import BIN, TINY_PARAMS, deep_merge, make_project, run
 from tests.integration.s3 import seaweedfs
 from tests.integration.test_labeling import decide_distill, stages
 
@@ -66,3 +66,22 @@ def test_runs_labels_and_artifacts_live_in_s3_and_a_rerun_resumes_from_them(tmp_
     assert f"fetched {len(shards)} label shards from s3://{prefix}/labels" in again["label"].stdout
     second = json.loads((project / "data/labels/manifest.json").read_text())
     assert second["labeled_now"] == 0 and second["reused"] == manifest["blocks"]
+
+
+def test_the_dvc_remote_under_the_storage_root_pushes_and_pulls(tmp_path, object_store):
+    """flows.storage configures <storage.root>/dvc (dvc-s3): a fresh clone pulls what was pushed."""
+    from distill.config import build_config
+    from flows.storage import configure_dvc_remote
+
+    prefix = f"{BUCKET}/{tmp_path.name}"
+    cfg = build_config({"storage": {"root": f"s3://{prefix}"}})
+    project = make_project(tmp_path / "project")
+    (project / "notes.txt").write_text("kept in the object store")
+    run([str(BIN / "dvc"), "add", "notes.txt"], cwd=project)
+    assert configure_dvc_remote(project, cfg) == f"s3://{prefix}/dvc"
+    run([str(BIN / "dvc"), "push"], cwd=project)
+    assert [o for o in object_store.list(f"{prefix}/dvc") if "/files/md5/" in o]
+    (project / "notes.txt").unlink()
+    shutil.rmtree(project / ".dvc" / "cache")
+    run([str(BIN / "dvc"), "pull", "notes.txt.dvc"], cwd=project)  # the stages never ran here
+    assert (project / "notes.txt").read_text() == "kept in the object store"
