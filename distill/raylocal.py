@@ -15,6 +15,10 @@ WORKER_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "DO_NOT_TRACK": "1",
               "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
+STORE_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+             "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "MLFLOW_S3_ENDPOINT_URL")
+
+
 def init_ray(cfg: RayConfig) -> None:
     """Join ``cfg.address`` (``auto`` or host:port), or start a local Ray sized to this machine."""
     import ray
@@ -23,7 +27,8 @@ def init_ray(cfg: RayConfig) -> None:
         return
     for key, value in WORKER_ENV.items():
         os.environ.setdefault(key, value)
-    runtime_env = {"env_vars": WORKER_ENV}
+    # The object store's endpoint and credentials (storage.root: s3://…) reach the workers too.
+    runtime_env = {"env_vars": {**WORKER_ENV, **{k: v for k, v in os.environ.items() if k in STORE_ENV}}}
     # Workers log at ERROR: without the dashboard, Ray Train's placement-group cleaner
     # warns several times a second that the state API is unavailable. Progress lines
     # are printed, not logged, so they still reach the driver.

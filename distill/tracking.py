@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.config import Config
+from distill.storage import mlflow_artifacts_uri
 
 PARENT_RUN_ENV = "DISTILL_PARENT_RUN_ID"
 # How long the pre-flight check waits for an HTTP tracking server. MLflow's own client
@@ -33,7 +34,7 @@ def tracking_uri(cfg: Config, root: Path | None = None) -> str:
 
 def artifact_root(cfg: Config, root: Path | None = None) -> str:
     """Absolute artifact location, so artifacts never land in ``./mlruns`` of some cwd."""
-    return ((root or Path.cwd()).resolve() / "mlflow" / "artifacts").as_uri()
+    return mlflow_artifacts_uri(cfg, ((root or Path.cwd()).resolve() / "mlflow" / "artifacts").as_uri())
 
 
 def ensure_experiment(cfg: Config, root: Path | None = None) -> str:

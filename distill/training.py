@@ -30,6 +30,7 @@ from distill.config import DistillConfig, ModelConfig, OptimConfig, stable_end
 from distill.io import sha256_bytes
 from distill.losses import IGNORE_INDEX, DistillationLoss, SparseTeacher, exact_sample_frequencies
 from distill.provenance import code_fingerprint, fingerprint
+from distill.storage import read_text, resolve_storage, runs_uri, storage_for_ray_train, write_text
 
 
 def training_code_fingerprint() -> str:
@@ -393,23 +394,21 @@ def train_loop_per_worker(config: dict) -> None:
     report_checkpoint(spec, model, optimizer, scheduler, state, final, rank, final=True)
 
 
-def divergence_marker(spec: TrainSpec) -> Path:
+def divergence_marker(spec: TrainSpec) -> str:
     """File that records a divergence of this run (same inputs → same run → same NaN)."""
-    return Path(spec.storage_path) / spec.run_name() / "DIVERGED"
+    return f"{spec.storage_path.rstrip('/')}/{spec.run_name()}/DIVERGED"  # a folder or s3:// URI
 
 
 def mark_diverged(spec: TrainSpec, message: str) -> None:
     """Record the divergence so a restarted worker stops instead of training on."""
-    path = divergence_marker(spec)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(message)
+    write_text(divergence_marker(spec), message)
 
 
 def refuse_if_diverged(spec: TrainSpec) -> None:
     """A diverged run is never continued: Ray Train's restarts (max_failures) stop here too."""
     path = divergence_marker(spec)
-    if path.is_file():
-        raise FloatingPointError(f"{path.read_text()} (recorded in {path}; change the parameters, "
+    if (message := read_text(path)) is not None:
+        raise FloatingPointError(f"{message} (recorded in {path}; change the parameters, "
                                  f"e.g. a lower learning rate, to start a new run)")
 
 
@@ -590,7 +589,7 @@ def run_training(spec: TrainSpec, out_dir: Path) -> TrainResult:
         torch_config=TorchConfig(backend="nccl" if spec.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=spec.num_workers, use_gpu=spec.use_gpu,
                                      resources_per_worker={"CPU": spec.cpus_per_worker}),
-        run_config=RunConfig(name=spec.run_name(), storage_path=spec.storage_path,
+        run_config=RunConfig(name=spec.run_name(), **storage_for_ray_train(spec.storage_path),
                              failure_config=FailureConfig(max_failures=spec.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
         datasets={"train": dataset},
@@ -617,12 +616,12 @@ def run_training(spec: TrainSpec, out_dir: Path) -> TrainResult:
 def say_resume_or_fresh(spec: TrainSpec) -> None:
     """One line on whether this run continues an earlier one (same fingerprint) or starts
     fresh, naming the runs of the same role that are not resumed because they differ."""
-    storage, name = Path(spec.storage_path), spec.run_name()
-    if (storage / name).is_dir():
+    storage, name = resolve_storage(spec.storage_path), spec.run_name()  # a folder or s3:// URI
+    if name in storage.folders():
         print(f"{spec.role}: run {name} exists (same data, settings and code {spec.code[:12]}): "
               f"Ray Train resumes it from its latest checkpoint", flush=True)
         return
-    others = sorted(p.name for p in storage.glob(f"{spec.role}-*") if p.is_dir()) if storage.is_dir() else []
+    others = [f for f in storage.folders() if f.startswith(f"{spec.role}-")]
     why = (f"; not resuming {', '.join(others)} (other data, settings or code)" if others else "")
     print(f"{spec.role}: new run {name} (code {spec.code[:12]}){why}", flush=True)
 
@@ -644,7 +643,7 @@ def spec_from_config(cfg, role: str, model: ModelConfig, optim: OptimConfig,
         val_paths=[str(Path(p).resolve()) for p in val_paths],
         tokenizer_dir=str((prepared_dir / "tokenizer").resolve()),
         vocab_size=tok["vocab_size"], block_size=manifest["block_size"],
-        eos_id=tok["eos_id"], pad_id=tok["pad_id"], storage_path=str(storage.resolve()),
+        eos_id=tok["eos_id"], pad_id=tok["pad_id"], storage_path=runs_uri(cfg, storage),
         seed=cfg.seed, num_workers=cfg.train.num_workers, cpus_per_worker=cfg.train.cpus_per_worker,
         use_gpu=cfg.train.use_gpu, checkpoint_every=cfg.train.checkpoint_every,
         max_failures=cfg.train.max_failures, eval_blocks=cfg.evaluate.max_blocks,

@@ -30,6 +30,7 @@ from distill.io import read_json
 from distill.tracking import PARENT_RUN_ENV, check_tracking_store, ensure_experiment, git_commit, tracking_uri
 from flows.lineage import NO_BASELINE, log_lineage, untracked_source_warning
 from flows.runlock import lock_path, pipeline_lock
+from flows.storage import configure_dvc_remote
 from tasks.common import DECISION, LABELS, METRICS, STUDENT_DIR, TEACHER_JSON, quiet_telemetry
 
 RETRIES = {"label": 2, "train": 1}
@@ -96,6 +97,7 @@ def preflight(root: Path) -> Config:
     cfg = load_config(root / "params.yaml")
     lock_path(root)
     check_tracking_store(tracking_uri(cfg, root))
+    configure_dvc_remote(root, cfg)  # <storage.root>/dvc, where storage.root is set
     if warning := untracked_source_warning(root, cfg.data.source):
         print(f"warning: {warning}", file=sys.stderr)
     return cfg

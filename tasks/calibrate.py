@@ -25,6 +25,7 @@ from distill.config import Config
 from distill.io import read_json, write_json
 from distill.plots import plot_note
 from distill.raylocal import init_ray
+from distill.storage import CALIBRATION, resolve_storage
 from tasks.common import (COEFFICIENTS, PREPARED, RUNS, TEACHER_DIR, TEACHER_JSON, log_to_mlflow,
                           calibration_skip_reason, stage_main, write_skipped)
 
@@ -44,7 +45,10 @@ def run(cfg: Config, out: Path = COEFFICIENTS, points_path: Path = CALIBRATION_P
     points = plan_points(cfg)
     ctx = SweepContext(data_hash(manifest), cfg.evaluate.max_blocks, loss_settings(cfg.distill),
                        teacher["fingerprint"])
-    store = PointStore(store_root)
+    mirror = resolve_storage(cfg.storage.root)  # storage.root keeps a copy of every finished point
+    if mirror.explicit and (fetched := mirror.download_missing(store_root / "points", CALIBRATION, "points")):
+        print(f"fetched {len(fetched)} finished calibration points from {mirror.uri(CALIBRATION)}")
+    store = PointStore(store_root, mirror if mirror.explicit else None)
     plan = plan_sweep(points, ctx, store)
     pending = len(plan.pending)
     print(f"calibration sweep: {len(points)} points, {len(points) - pending} already finished "

