@@ -157,20 +157,10 @@ def prefect_api(tmp_path_factory):
     the `distill run` / `distill calibrate` subprocesses: each would otherwise start Prefect's
     temporary server of its own (about 14 s each here). Yields the API URL."""
     home = tmp_path_factory.mktemp("prefect-session")
-    url = f"http://127.0.0.1:{free_port()}/api"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": url,
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_UI_ENABLED": "false",
-           # nothing here is scheduled: the scheduler would only spend CPU
-           "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false"}
-    port = url.rsplit(":", 1)[1].split("/")[0]
-    log = home / "server.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", port,
-                                 "--no-ui", "--analytics-off"], env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+    # nothing here is scheduled: the scheduler would only spend CPU
+    proc, url, _ = start_prefect_server(home, PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED="false")
     previous = os.environ.get("PREFECT_API_URL")
     try:
-        wait_for_health(f"{url}/health", proc, log, timeout=240)
         os.environ["PREFECT_API_URL"] = url
         yield url
     finally:
@@ -179,6 +169,29 @@ def prefect_api(tmp_path_factory):
         else:
             os.environ["PREFECT_API_URL"] = previous
         stop_process_group(proc)
+
+
+def start_prefect_server(home: Path, **settings: str) -> tuple[subprocess.Popen, str, dict]:
+    """`prefect server start` on a free loopback port with its own PREFECT_HOME (``home``, which
+    also holds its log) and the extra ``settings`` (PREFECT_* variables), once it answers its
+    health check: the process (its own session: stop it with ``stop_process_group``), the API
+    URL and the environment that names it. A server that exits or never answers is stopped
+    and fails with its log."""
+    url = f"http://127.0.0.1:{free_port()}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": url,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_UI_ENABLED": "false", **settings}
+    port = url.rsplit(":", 1)[1].split("/")[0]
+    log = home / "server.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", port,
+                                 "--no-ui", "--analytics-off"], env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_health(f"{url}/health", proc, log, timeout=240)
+    except BaseException:
+        stop_process_group(proc)
+        raise
+    return proc, url, env
 
 
 def wait_for_health(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:

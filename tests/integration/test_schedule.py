@@ -12,35 +12,21 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-import requests
 
-from .conftest import BIN, ROOT, copy_project, free_port
+from .conftest import BIN, ROOT, copy_project, start_prefect_server, stop_process_group
 
 pytestmark = pytest.mark.integration
 
 SERVED = "distill-pipeline/served"
 DEPLOYED = "distill-pipeline/weekly"  # prefect.yaml's deployment
 CRON = "0 3 * * 1"
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """Stop a process this test started, with the children it started (its own session)."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def wait_until(check, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
@@ -58,30 +44,14 @@ def wait_until(check, timeout: float, what: str, proc: subprocess.Popen | None =
 
 @pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory):
-    """A real `prefect server start` on a free loopback port, with its own PREFECT_HOME."""
-    home = tmp_path_factory.mktemp("prefect-server")
-    url = f"http://127.0.0.1:{free_port()}/api"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": url,
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_UI_ENABLED": "false",
-           "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5"}
-    port = url.rsplit(":", 1)[1].split("/")[0]
-    log = home / "server.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
-                                 "--port", port, "--no-ui", "--analytics-off"],
-                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    """A real `prefect server start` on a free loopback port, with its own PREFECT_HOME and a
+    scheduler that looks every 5 s (the cron's runs appear within the test)."""
+    proc, url, env = start_prefect_server(tmp_path_factory.mktemp("prefect-server"),
+                                          PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="5")
     try:
-        wait_until(lambda: _healthy(url), 240, "the Prefect server", proc, log)
         yield url, env
     finally:
-        stop(proc)
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return requests.get(f"{url}/health", timeout=2).status_code == 200
-    except requests.RequestException:
-        return False
+        stop_process_group(proc)
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +85,7 @@ def test_served_deployment_has_its_schedule_and_runs_the_pipeline(prefect_server
             upcoming = wait_until(lambda: _scheduled(client, deployment.id), 120, "scheduled runs", serve, log)
             assert all((t.weekday(), t.hour, t.minute) == (0, 3, 0) for t in upcoming)
     finally:
-        stop(serve)
+        stop_process_group(serve)
     # The served run did the whole pipeline in the project folder.
     assert (project / "dvc.lock").is_file() and (project / "models/student/model.safetensors").is_file()
     metrics = json.loads((project / "reports/metrics.json").read_text())
@@ -151,7 +121,7 @@ def test_prefect_yaml_deployment_runs_on_a_process_worker(prefect_server, shared
             final = wait_until(lambda: _final(client, run_id), 900, "the worker's run", worker, log)
             assert final.state.is_completed(), f"{final.state}\n{log.read_text()[-6000:]}"
     finally:
-        stop(worker)
+        stop_process_group(worker)
     worker_log = log.read_text()
     for stage in ("prepare", "teacher", "train", "evaluate"):  # DVC had nothing to redo
         assert f"Stage '{stage}' didn't change, skipping" in worker_log
